@@ -1,0 +1,369 @@
+//! The root part of start-up: everything that needs privilege or may fail visibly.
+//!
+//! Order matters: names are resolved and the port is bound before anything is created on
+//! disk, so a second instance on a busy port fails without touching the first one's table.
+//! The run directory is opened without following symlinks and must belong to root or the
+//! service user (a directory squatted by another user is refused, never adopted); the table
+//! is written under a temporary name with `O_EXCL|O_NOFOLLOW`, owned and moded through its
+//! fd, initialised, locked, and only then renamed into place.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::fcntl::{open, openat, renameat, OFlag};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+use nix::sys::stat::{fchmod, fstat, Mode, SFlag};
+use nix::unistd::{fchown, Gid, Uid};
+
+use crate::cli::{table_file_name, ChannelSpec, ProxyArgs};
+use crate::exitcode::{EX_DATAERR, EX_NOUSER, EX_OSERR, EX_SOFTWARE, EX_UNAVAILABLE};
+use crate::sandbox::{self, Account};
+use crate::table::{InitialGroup, Table};
+
+/// A start-up failure: the message for stderr and the exit code.
+#[derive(Debug)]
+pub struct Fatal {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Fatal {
+    pub fn new(code: u8, message: impl Into<String>) -> Fatal {
+        Fatal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+/// What the bootstrap hands to the supervisor.
+pub struct Boot {
+    /// The account to drop to; None when not started as root.
+    pub account: Option<Account>,
+    pub listeners: Vec<std::net::TcpListener>,
+    pub listen_description: String,
+    pub source: Option<IpAddr>,
+    pub table: Table,
+    pub table_file: File,
+    run_dir: OwnedFd,
+    table_name: String,
+    /// Our own executable, opened before the privilege drop, for re-exec of workers.
+    pub exe: OwnedFd,
+}
+
+impl Boot {
+    /// Removes the table file (clean shutdown). Works after the privilege drop because the
+    /// run directory belongs to the service user and we hold a descriptor on it.
+    pub fn remove_table(&self) {
+        let _ = nix::unistd::unlinkat(
+            &self.run_dir,
+            self.table_name.as_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
+    }
+}
+
+/// Does every privileged and fallible start-up step.
+pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
+    let root = Uid::effective().is_root();
+    let account = if root {
+        Some(service_account(&args.user)?)
+    } else {
+        None
+    };
+    let table_gid = match &account {
+        Some(a) => sandbox::lookup_group(&args.control_group)
+            .ok()
+            .flatten()
+            .unwrap_or(a.gid),
+        None => Gid::effective(),
+    };
+    let groups = resolve_groups(args)?;
+    let source = match &args.source {
+        Some(host) => Some(resolve_host(host, 0)?.ip()),
+        None => None,
+    };
+    let listen = &args.common.listen;
+    let listener = bind_listener(listen.port, listen.bind.as_deref(), args.ipv6)?;
+    let listen_description = listener
+        .local_addr()
+        .map_or_else(|_| format!("port {}", listen.port), |a| a.to_string());
+    let table_name = table_file_name(listen.port, listen.bind.as_deref());
+    let run_dir = prepare_run_dir(&args.common.run_dir, account.as_ref())?;
+    let (table_file, table) = publish_table(&run_dir, &table_name, table_gid, &groups)?;
+    if args.common.debug {
+        print_startup(args, &table_name, &groups);
+    }
+    let exe = open(
+        "/proc/self/exe",
+        OFlag::O_PATH | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Fatal::new(EX_OSERR, format!("cannot open /proc/self/exe: {e}")))?;
+    Ok(Boot {
+        account,
+        listeners: vec![listener],
+        listen_description,
+        source,
+        table,
+        table_file,
+        run_dir,
+        table_name,
+        exe,
+    })
+}
+
+fn service_account(name: &str) -> Result<Account, Fatal> {
+    match sandbox::lookup_user(name) {
+        Ok(Some(a)) if a.uid.is_root() => Err(Fatal::new(
+            EX_NOUSER,
+            format!("balance: refusing to run as user {name}: it is root"),
+        )),
+        Ok(Some(a)) => Ok(a),
+        Ok(None) => Err(Fatal::new(
+            EX_NOUSER,
+            format!(
+                "balance: user {name} does not exist: create it (adduser --system --group --no-create-home --home /nonexistent {name}) or choose another with --user"
+            ),
+        )),
+        Err(e) => Err(Fatal::new(
+            EX_NOUSER,
+            format!("balance: cannot look up user {name}: {e}"),
+        )),
+    }
+}
+
+fn resolve_groups(args: &ProxyArgs) -> Result<Vec<InitialGroup>, Fatal> {
+    args.groups
+        .iter()
+        .map(|g| {
+            let channels = g
+                .channels
+                .iter()
+                .map(|c| Ok((resolve_channel(c)?, c.maxc)))
+                .collect::<Result<Vec<_>, Fatal>>()?;
+            Ok(InitialGroup {
+                kind: g.kind,
+                channels,
+            })
+        })
+        .collect()
+}
+
+fn resolve_channel(spec: &ChannelSpec) -> Result<SocketAddr, Fatal> {
+    resolve_host(&spec.host, spec.port)
+}
+
+/// Resolves a host name or literal (IPv4 or IPv6) to its first address.
+pub fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, Fatal> {
+    let invalid = || Fatal::new(EX_DATAERR, format!("unknown or invalid address [{host}]"));
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|_| invalid())?
+        .next()
+        .ok_or_else(invalid)
+}
+
+/// Binds the listening socket: `-b` address if given, else `[::]` dual stack with `-6`, else
+/// `0.0.0.0` (the original's default was IPv4 only too).
+fn bind_listener(
+    port: u16,
+    bind: Option<&str>,
+    ipv6: bool,
+) -> Result<std::net::TcpListener, Fatal> {
+    let gai = |msg: String| Fatal::new(EX_OSERR, format!("error at getaddrinfo: {msg}\nexiting."));
+    let addr = match (bind, ipv6) {
+        (None, false) => SocketAddr::from(([0, 0, 0, 0], port)),
+        (None, true) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+        (Some(host), _) => {
+            let mut addrs = (host, port)
+                .to_socket_addrs()
+                .map_err(|e| gai(e.to_string()))?;
+            let found = if ipv6 {
+                addrs.find(SocketAddr::is_ipv6)
+            } else {
+                addrs.next()
+            };
+            found.ok_or_else(|| gai("Address family for hostname not supported".into()))?
+        }
+    };
+    let os = |what: &str, e: nix::Error| Fatal::new(EX_OSERR, format!("{what}(): {}", e.desc()));
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| os("socket", e))?;
+    socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)
+        .map_err(|e| os("setsockopt(SO_REUSEADDR=1)", e))?;
+    if addr.is_ipv6() {
+        // Dual stack where the address allows it; a specific v6 address stays v6 only anyway.
+        let _ = socket::setsockopt(&fd, socket::sockopt::Ipv6V6Only, &false);
+    }
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(|e| os("bind", e))?;
+    socket::listen(&fd, Backlog::MAXCONN).map_err(|e| os("listen", e))?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
+/// Creates (0750) or checks the run directory and gives it to the service user.
+fn prepare_run_dir(path: &Path, account: Option<&Account>) -> Result<OwnedFd, Fatal> {
+    let unavailable = |why: String| {
+        Fatal::new(
+            EX_UNAVAILABLE,
+            format!(
+                "balance: run directory {} not available: {why}",
+                path.display()
+            ),
+        )
+    };
+    match nix::unistd::mkdir(path, Mode::from_bits_truncate(0o750)) {
+        Ok(()) | Err(nix::Error::EEXIST) => {}
+        Err(e) => return Err(unavailable(e.desc().to_string())),
+    }
+    let dir = open(
+        path,
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| unavailable(format!("{} (a symlink is not accepted)", e.desc())))?;
+    let st = fstat(&dir).map_err(|e| unavailable(e.desc().to_string()))?;
+    let me = Uid::effective();
+    let allowed_owner =
+        |uid: u32| uid == me.as_raw() || uid == 0 || account.is_some_and(|a| a.uid.as_raw() == uid);
+    if !allowed_owner(st.st_uid) {
+        return Err(unavailable(format!(
+            "owned by uid {}, refusing to adopt it",
+            st.st_uid
+        )));
+    }
+    if let Some(a) = account {
+        fchown(&dir, Some(a.uid), Some(a.gid)).map_err(|e| unavailable(e.desc().to_string()))?;
+    }
+    fchmod(&dir, Mode::from_bits_truncate(0o750)).map_err(|e| unavailable(e.desc().to_string()))?;
+    Ok(dir)
+}
+
+/// Writes a fresh table under a temporary name and renames it into place, locked.
+fn publish_table(
+    dir: &OwnedFd,
+    name: &str,
+    gid: Gid,
+    groups: &[InitialGroup],
+) -> Result<(File, Table), Fatal> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        Fatal::new(
+            EX_OSERR,
+            format!("cannot create table file {name}: {what}: {e}"),
+        )
+    };
+    let tmp = format!(".{name}.{}.tmp", std::process::id());
+    let _ = nix::unistd::unlinkat(dir, tmp.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+    let fd = openat(
+        dir,
+        tmp.as_str(),
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| fail("create", &e))?;
+    let file = File::from(fd);
+    let st = fstat(&file).map_err(|e| fail("fstat", &e))?;
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+        return Err(fail("type", &"not a regular file"));
+    }
+    fchown(&file, Some(Uid::effective()), Some(gid)).map_err(|e| fail("chown", &e))?;
+    fchmod(&file, Mode::from_bits_truncate(0o640)).map_err(|e| fail("chmod", &e))?;
+    let table = Table::initialise(&file, groups).map_err(|e| fail("initialise", &e))?;
+    match crate::sys::try_flock(file.as_fd(), true) {
+        Ok(true) => {}
+        Ok(false) => return Err(fail("lock", &"held by another process")),
+        Err(e) => return Err(fail("lock", &e)),
+    }
+    renameat(dir, tmp.as_str(), dir, name).map_err(|e| fail("rename", &e))?;
+    Ok((file, table))
+}
+
+/// `-d` start-up lines on stderr, in the original's shape.
+fn print_startup(args: &ProxyArgs, table_name: &str, groups: &[InitialGroup]) {
+    eprintln!("source port {}", args.common.listen.port);
+    eprintln!(
+        "file {} created",
+        args.common.run_dir.join(table_name).display()
+    );
+    eprintln!("using {}", if args.ipv6 { "AF_INET6" } else { "AF_UNSPEC" });
+    eprintln!("the following channels are active:");
+    for (g, group) in groups.iter().enumerate() {
+        for (c, (addr, maxc)) in group.channels.iter().enumerate() {
+            eprintln!("{g:3} {c:2} {addr}:{maxc}");
+        }
+    }
+}
+
+/// Detaches from the terminal. The calling process waits until the daemon reports (through
+/// a pipe) that it serves or why it failed, then exits with the matching status; only the
+/// daemon returns from this function, holding the pipe's write end.
+pub fn detach() -> Result<OwnedFd, Fatal> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)
+        .map_err(|e| Fatal::new(EX_OSERR, format!("cannot create a pipe: {e}")))?;
+    match crate::sys::fork_single_threaded() {
+        Err(e) => Err(Fatal::new(EX_OSERR, format!("cannot fork: {e}"))),
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {
+            drop(write);
+            std::process::exit(wait_for_daemon(read))
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(read);
+            let _ = nix::unistd::setsid();
+            let _ = nix::unistd::chdir("/");
+            Ok(write)
+        }
+    }
+}
+
+/// In the launching process: the daemon's verdict, as an exit code.
+fn wait_for_daemon(read: OwnedFd) -> i32 {
+    // The daemon reports with one small write, which a pipe delivers whole; the write end
+    // stays open in the daemon, so read once instead of waiting for EOF.
+    let mut buf = [0u8; 4096];
+    let n = File::from(read).read(&mut buf).unwrap_or(0);
+    match buf[..n].split_first() {
+        Some((0, _)) => 0,
+        Some((&code, text)) => {
+            eprintln!("{}", String::from_utf8_lossy(text));
+            i32::from(code)
+        }
+        None => {
+            eprintln!("balance: the daemon died during start-up");
+            i32::from(EX_SOFTWARE)
+        }
+    }
+}
+
+/// In the daemon: tells the launching process how start-up ended.
+pub fn report(pipe: &OwnedFd, result: Result<(), &Fatal>) {
+    let mut msg = Vec::new();
+    match result {
+        Ok(()) => msg.push(0),
+        Err(e) => {
+            msg.push(e.code.max(1));
+            msg.extend_from_slice(e.message.as_bytes());
+        }
+    }
+    if let Ok(fd) = pipe.try_clone() {
+        let _ = File::from(fd).write_all(&msg);
+    }
+}

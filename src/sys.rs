@@ -1,0 +1,296 @@
+//! Every `unsafe` block and raw system call of balance lives here.
+//!
+//! The rest of the crate is safe Rust. Each block below states, in a `SAFETY:` comment, the
+//! contract that makes it sound, so a reviewer can audit the whole unsafe surface in one file.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// A shared (`MAP_SHARED`) mapping of a whole file, read-only or read-write.
+///
+/// The mapping stays valid until the value is dropped; the file may be closed meanwhile.
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from offset 0. `len` must not exceed the file's size (the
+    /// caller checks with `fstat`), or touching the tail raises SIGBUS.
+    pub fn map(fd: BorrowedFd<'_>, len: usize, writable: bool) -> io::Result<Mapping> {
+        let len_nz = std::num::NonZeroUsize::new(len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"))?;
+        let mut prot = nix::sys::mman::ProtFlags::PROT_READ;
+        if writable {
+            prot |= nix::sys::mman::ProtFlags::PROT_WRITE;
+        }
+        // SAFETY: a fresh mapping chosen by the kernel (no address hint) cannot alias any Rust
+        // object; `fd` is a valid open descriptor for the duration of the call.
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                len_nz,
+                prot,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                fd,
+                0,
+            )
+        }?;
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Start of the mapping (page aligned).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned; references handed out by the table
+        // module borrow the Mapping, so none outlive it.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+// SAFETY: the mapping is plain shared memory; all access to it goes through atomics.
+unsafe impl Send for Mapping {}
+// SAFETY: as above, concurrent access is only through atomic types.
+unsafe impl Sync for Mapping {}
+
+/// Reinterprets the start of a mapping as `&T`.
+///
+/// # Safety
+/// `T` must be `#[repr(C)]`, made only of atomics (any bit pattern valid, interior
+/// mutability), with alignment ≤ the page size, and `size_of::<T>() <= map.len()`.
+pub unsafe fn mapped_ref<T>(map: &Mapping) -> &T {
+    debug_assert!(std::mem::size_of::<T>() <= map.len());
+    // SAFETY: guaranteed by the caller (see the function contract).
+    unsafe { &*(map.as_ptr() as *const T) }
+}
+
+/// Kernel ABI of `struct robust_list_head` (include/uapi/linux/futex.h).
+#[repr(C)]
+struct RobustListHead {
+    list_next: usize,
+    futex_offset: isize,
+    list_op_pending: AtomicUsize,
+}
+
+thread_local! {
+    static ROBUST_HEAD: &'static RobustListHead = register_robust_head();
+}
+
+fn register_robust_head() -> &'static RobustListHead {
+    let head: &'static mut RobustListHead = Box::leak(Box::new(RobustListHead {
+        list_next: 0,
+        futex_offset: 0,
+        list_op_pending: AtomicUsize::new(0),
+    }));
+    // An empty robust list points at itself.
+    head.list_next = head as *mut RobustListHead as usize;
+    let head: &'static RobustListHead = head;
+    // SAFETY: the head is leaked, so it lives as long as the thread; the kernel reads it only
+    // when this thread exits. We never store a pointer into shared memory: only the
+    // thread-local `list_op_pending` slot points at the futex word, and the list stays empty.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_set_robust_list,
+            head as *const RobustListHead,
+            std::mem::size_of::<RobustListHead>(),
+        )
+    };
+    // A failure (a kernel without robust futexes) leaves the lock's timeout as the only
+    // defence against a dead holder; there is nothing better to do here.
+    let _ = rc;
+    head
+}
+
+/// Marks `word` as the futex this thread is about to take (or holds), so the kernel sets
+/// FUTEX_OWNER_DIED in it if the thread dies before [`robust_clear_pending`].
+pub fn robust_set_pending(word: &AtomicU32) {
+    ROBUST_HEAD.with(|h| {
+        h.list_op_pending
+            .store(word as *const AtomicU32 as usize, Ordering::SeqCst)
+    });
+}
+
+pub fn robust_clear_pending() {
+    ROBUST_HEAD.with(|h| h.list_op_pending.store(0, Ordering::SeqCst));
+}
+
+/// Thread id as the futex owner field wants it.
+pub fn gettid() -> u32 {
+    nix::unistd::gettid().as_raw() as u32
+}
+
+/// FUTEX_WAIT on a shared (not private) futex word, with a relative timeout.
+/// Returns Ok(()) on wake-up or value mismatch, Err(TimedOut) on timeout.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call; the timespec lives on
+    // the stack until the syscall returns. FUTEX_WAIT only reads the word.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
+        Some(libc::ETIMEDOUT) => Err(io::Error::new(io::ErrorKind::TimedOut, "futex wait")),
+        _ => Err(err),
+    }
+}
+
+/// FUTEX_WAKE up to `n` waiters of a shared futex word.
+pub fn futex_wake(word: &AtomicU32, n: i32) {
+    // SAFETY: wake only uses the address as a key; the word is valid and aligned.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n);
+    }
+}
+
+/// `flock(2)` without blocking. Ok(true) when taken, Ok(false) when another holder conflicts.
+pub fn try_flock(fd: BorrowedFd<'_>, exclusive: bool) -> io::Result<bool> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    } | libc::LOCK_NB;
+    // SAFETY: plain syscall on a valid descriptor, no memory involved.
+    let rc = unsafe { libc::flock(fd.as_raw_fd(), op) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+/// Prepares `cmd` so the child sees `channel` as fd 3 and nothing else above stderr, and
+/// dies with the parent.
+pub fn worker_child_setup(cmd: &mut Command, channel: RawFd) {
+    // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
+    // functions (dup2, close_range, prctl), touching no heap or locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            if channel != 3 {
+                if libc::dup2(channel, 3) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else {
+                let flags = libc::fcntl(3, libc::F_GETFD);
+                libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            }
+            // Everything above fd 3 is closed at exec, except the executable fd, which the
+            // kernel needs until exec resolves it: mark close-on-exec rather than close.
+            libc::syscall(
+                libc::SYS_close_range,
+                4u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// Redirects fds 0, 1 and 2 to `/dev/null` (daemon mode: nothing we print may ever reach a
+/// socket that happens to get a low fd number).
+pub fn stdio_to_devnull() -> io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors; `null` stays open during the call.
+        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sets or clears close-on-exec on a descriptor received from another process.
+pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd.as_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    Ok(())
+}
+
+/// Whether a thread with this id exists (in our pid namespace). Used to detect a lock holder
+/// that died without the kernel marking the lock.
+pub fn thread_exists(tid: u32) -> bool {
+    let Ok(tid) = i32::try_from(tid) else {
+        return false;
+    };
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(tid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+/// Takes ownership of descriptors that just arrived in an SCM_RIGHTS message.
+pub fn own_received_fds(raw: &[RawFd]) -> Vec<std::os::fd::OwnedFd> {
+    raw.iter()
+        .map(|&fd| {
+            // SAFETY: the kernel installed these descriptors in our table for this message
+            // only; nothing else in the process knows their numbers, so we are the sole owner.
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        })
+        .collect()
+}
+
+/// Takes ownership of a descriptor this process inherited at a fixed number, after checking
+/// that it is open.
+pub fn take_inherited_fd(fd: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and by the start-up contract of this
+    // process (see `worker_child_setup`) nothing else in it refers to this number.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    set_cloexec(owned.as_fd())?;
+    Ok(owned)
+}
+
+/// `fork(2)`, for detaching the daemon.
+///
+/// Must be called while the process has a single thread (before any runtime is built).
+pub fn fork_single_threaded() -> io::Result<nix::unistd::ForkResult> {
+    // SAFETY: the caller guarantees no other thread exists, so the child cannot inherit a lock
+    // held by a thread that does not exist in it; it continues with ordinary code.
+    Ok(unsafe { nix::unistd::fork() }?)
+}

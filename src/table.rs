@@ -1,0 +1,662 @@
+//! The channel table: the one definition of the shared-memory layout, and its access rules.
+//!
+//! Every process of a balance instance maps the same file, `<run-dir>/balance.<port>.<bind>`:
+//! the supervisor and workers through fds opened by root at start, `balance -i`/`-c` by path
+//! (file permissions decide whether read-write or read-only). Everything in the layout is an
+//! atomic, so any bit pattern is a valid value and no access is a data race, even against a
+//! hostile writer; what is read is validated before it is used.
+//!
+//! - **Configuration** (group type, channel status, address, port, maxc) is written only under
+//!   the robust writer lock (`futex`) and published through a seqlock (`header.seq`, odd while
+//!   a write is in progress). Readers never lock: they retry a bounded number of times and
+//!   otherwise keep their last good snapshot.
+//! - **Counters** are relaxed atomics updated without any lock. The current-connection count
+//!   of a channel is kept twice: a global count that `maxc` admission compares-and-swaps, and
+//!   a per-worker row, so the supervisor can subtract a dead worker's share.
+//! - Liveness is not in the layout: the supervisor holds an exclusive `flock` on the file.
+
+use std::fs::File;
+use std::io;
+use std::mem::{offset_of, size_of};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::os::fd::AsFd;
+use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::futex::{self, LockError};
+use crate::sys::{self, Mapping};
+
+pub const MAX_GROUPS: usize = 32;
+pub const MAX_CHANNELS: usize = 64;
+pub const MAX_WORKERS: usize = 64;
+
+/// "BALTABLE" in little-endian byte order.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"BALTABLE");
+/// Bump whenever anything in this file's `#[repr(C)]` structs changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// How long a writer waits for the lock before giving up with a clear error.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+const SEQLOCK_RETRIES: usize = 1000;
+
+const FAMILY_V4: u32 = 4;
+const FAMILY_V6: u32 = 6;
+
+#[repr(C)]
+pub struct Header {
+    pub magic: AtomicU64,
+    pub layout_version: AtomicU32,
+    pub total_size: AtomicU32,
+    pub max_groups: AtomicU32,
+    pub max_channels: AtomicU32,
+    pub max_workers: AtomicU32,
+    /// For display only; never signalled.
+    pub supervisor_pid: AtomicU32,
+    /// Set (Release) once the table is fully initialised.
+    pub ready: AtomicU32,
+    /// Set by `kill`: the supervisor shuts down when it sees it.
+    pub shutdown: AtomicU32,
+    /// The robust writer lock (see `futex`).
+    pub lock: AtomicU32,
+    /// Seqlock over the configuration; odd while a writer is in the middle of an update.
+    pub seq: AtomicU32,
+    /// Counts configuration changes since start.
+    pub generation: AtomicU32,
+    /// Version of the daemon that created the table: major, minor, patch.
+    pub release: [AtomicU32; 3],
+}
+
+#[repr(C)]
+pub struct Group {
+    pub nchannels: AtomicU32,
+    /// 0 = round robin, 1 = hash.
+    pub kind: AtomicU32,
+    /// Index where the next round-robin search starts.
+    pub cursor: AtomicU32,
+    pub reserved: AtomicU32,
+}
+
+#[repr(C)]
+pub struct Channel {
+    /// 1 = enabled, 0 = disabled.
+    pub status: AtomicU32,
+    pub port: AtomicU32,
+    /// 4 or 6.
+    pub family: AtomicU32,
+    /// 0 = unlimited, negative = never chosen.
+    pub maxc: AtomicI32,
+    /// IPv4 in `addr[0]`; IPv6 as four big-endian words.
+    pub addr: [AtomicU32; 4],
+    pub scope_id: AtomicU32,
+    /// Connections currently open or being attempted, all workers together.
+    pub current: AtomicU32,
+    /// Connections established to this channel (attempts that failed are not counted).
+    pub total: AtomicU64,
+    /// Bytes relayed client → backend.
+    pub sent: AtomicU64,
+    /// Bytes relayed backend → client.
+    pub received: AtomicU64,
+}
+
+/// The whole file.
+#[repr(C)]
+pub struct Layout {
+    pub header: Header,
+    pub groups: [Group; MAX_GROUPS],
+    pub channels: [[Channel; MAX_CHANNELS]; MAX_GROUPS],
+    /// Each worker's share of `Channel::current`, indexed `[worker][group][channel]`.
+    pub worker_current: [[[AtomicU32; MAX_CHANNELS]; MAX_GROUPS]; MAX_WORKERS],
+}
+
+pub const TABLE_SIZE: usize = size_of::<Layout>();
+
+const _: () = {
+    assert!(size_of::<Header>() == 64);
+    assert!(size_of::<Group>() == 16);
+    assert!(size_of::<Channel>() == 64);
+    assert!(offset_of!(Channel, current) == 36);
+    assert!(offset_of!(Channel, total) == 40);
+    assert!(offset_of!(Layout, groups) == 64);
+    assert!(offset_of!(Layout, channels) == 64 + 16 * MAX_GROUPS);
+    assert!(offset_of!(Layout, worker_current) == 64 + 16 * MAX_GROUPS + 64 * 64 * 32);
+    assert!(TABLE_SIZE == 64 + 16 * 32 + 64 * 64 * 32 + 4 * 64 * 32 * 64);
+    assert!(std::mem::align_of::<Layout>() <= 4096);
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKind {
+    RoundRobin,
+    Hash,
+}
+
+/// A channel's configuration as read from the table, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelConfig {
+    pub enabled: bool,
+    /// None when the stored address is not valid (such a channel is never used).
+    pub addr: Option<SocketAddr>,
+    pub maxc: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub kind: GroupKind,
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// A consistent copy of all groups' configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub seq: u32,
+    pub groups: Vec<GroupConfig>,
+}
+
+/// What goes into a fresh table.
+#[derive(Debug, Clone)]
+pub struct InitialGroup {
+    pub kind: GroupKind,
+    pub channels: Vec<(SocketAddr, u32)>,
+}
+
+#[derive(Debug)]
+pub enum TableError {
+    Io(io::Error),
+    TooSmall { size: u64 },
+    WrongMagic,
+    Incompatible { version: u32 },
+    NotReady,
+    Lock(LockError),
+}
+
+impl std::fmt::Display for TableError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TableError::Io(e) => write!(f, "{e}"),
+            TableError::TooSmall { size } => write!(
+                f,
+                "table file has {size} bytes, expected {TABLE_SIZE}: not a balance table"
+            ),
+            TableError::WrongMagic => write!(f, "not a balance table (wrong magic number)"),
+            TableError::Incompatible { version } => write!(
+                f,
+                "incompatible table layout version {version} (this balance understands {LAYOUT_VERSION})"
+            ),
+            TableError::NotReady => write!(f, "table is not initialised"),
+            TableError::Lock(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for TableError {}
+
+impl From<io::Error> for TableError {
+    fn from(e: io::Error) -> Self {
+        TableError::Io(e)
+    }
+}
+
+impl From<LockError> for TableError {
+    fn from(e: LockError) -> Self {
+        TableError::Lock(e)
+    }
+}
+
+/// A mapped table.
+pub struct Table {
+    map: Mapping,
+    writable: bool,
+}
+
+impl Table {
+    /// Sizes a new, empty file and initialises it. The caller publishes it (rename).
+    pub fn initialise(file: &File, groups: &[InitialGroup]) -> Result<Table, TableError> {
+        file.set_len(TABLE_SIZE as u64)?;
+        let table = Table {
+            map: Mapping::map(file.as_fd(), TABLE_SIZE, true)?,
+            writable: true,
+        };
+        let l = table.layout();
+        let h = &l.header;
+        h.magic.store(MAGIC, Ordering::Relaxed);
+        h.layout_version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        h.total_size.store(TABLE_SIZE as u32, Ordering::Relaxed);
+        h.max_groups.store(MAX_GROUPS as u32, Ordering::Relaxed);
+        h.max_channels.store(MAX_CHANNELS as u32, Ordering::Relaxed);
+        h.max_workers.store(MAX_WORKERS as u32, Ordering::Relaxed);
+        h.supervisor_pid
+            .store(std::process::id(), Ordering::Relaxed);
+        for (slot, part) in h.release.iter().zip(crate::VERSION_PARTS) {
+            slot.store(part, Ordering::Relaxed);
+        }
+        for (g, spec) in groups.iter().enumerate().take(MAX_GROUPS) {
+            l.groups[g]
+                .kind
+                .store(kind_code(spec.kind), Ordering::Relaxed);
+            for (c, (addr, maxc)) in spec.channels.iter().enumerate().take(MAX_CHANNELS) {
+                let ch = &l.channels[g][c];
+                store_addr(ch, *addr);
+                ch.maxc
+                    .store(i32::try_from(*maxc).unwrap_or(i32::MAX), Ordering::Relaxed);
+                ch.status.store(1, Ordering::Relaxed);
+            }
+            let n = spec.channels.len().min(MAX_CHANNELS) as u32;
+            l.groups[g].nchannels.store(n, Ordering::Relaxed);
+        }
+        h.ready.store(1, Ordering::Release);
+        Ok(table)
+    }
+
+    /// Maps an existing table and checks its header.
+    pub fn open(file: &File, writable: bool) -> Result<Table, TableError> {
+        let size = file.metadata()?.len();
+        if size < TABLE_SIZE as u64 {
+            return Err(TableError::TooSmall { size });
+        }
+        let table = Table {
+            map: Mapping::map(file.as_fd(), TABLE_SIZE, writable)?,
+            writable,
+        };
+        let h = &table.layout().header;
+        if h.magic.load(Ordering::Relaxed) != MAGIC {
+            return Err(TableError::WrongMagic);
+        }
+        let version = h.layout_version.load(Ordering::Relaxed);
+        if version != LAYOUT_VERSION
+            || h.total_size.load(Ordering::Relaxed) != TABLE_SIZE as u32
+            || h.max_groups.load(Ordering::Relaxed) != MAX_GROUPS as u32
+            || h.max_channels.load(Ordering::Relaxed) != MAX_CHANNELS as u32
+            || h.max_workers.load(Ordering::Relaxed) != MAX_WORKERS as u32
+        {
+            return Err(TableError::Incompatible { version });
+        }
+        if h.ready.load(Ordering::Acquire) != 1 {
+            return Err(TableError::NotReady);
+        }
+        Ok(table)
+    }
+
+    pub fn layout(&self) -> &Layout {
+        // SAFETY: the mapping is TABLE_SIZE bytes, page aligned, and Layout is repr(C) made
+        // only of atomics, for which every bit pattern is valid.
+        unsafe { sys::mapped_ref::<Layout>(&self.map) }
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.layout().header
+    }
+
+    /// Channel `c` of group `g`, if both indices are in range.
+    pub fn channel(&self, g: usize, c: usize) -> Option<&Channel> {
+        self.layout().channels.get(g)?.get(c)
+    }
+
+    /// Reads a consistent copy of the configuration, or None when writers kept it changing
+    /// (or a writer died mid-update and nobody repaired it yet).
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        let l = self.layout();
+        for _ in 0..SEQLOCK_RETRIES {
+            let s1 = l.header.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let groups = l.groups.iter().zip(&l.channels).map(read_group).collect();
+            fence(Ordering::Acquire);
+            if l.header.seq.load(Ordering::Relaxed) == s1 {
+                return Some(Snapshot { seq: s1, groups });
+            }
+        }
+        None
+    }
+
+    /// The current seqlock value, to tell whether a cached snapshot is still good.
+    pub fn seq(&self) -> u32 {
+        self.header().seq.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` as the table's writer: under the robust lock and inside a seqlock write.
+    /// A previous writer that died mid-update is repaired first.
+    pub fn update<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, TableError> {
+        if !self.writable {
+            return Err(TableError::Io(io::Error::from(
+                io::ErrorKind::PermissionDenied,
+            )));
+        }
+        let h = self.header();
+        let guard = futex::lock(&h.lock, LOCK_TIMEOUT)?;
+        if guard.owner_died {
+            let s = h.seq.load(Ordering::Relaxed);
+            if s & 1 == 1 {
+                h.seq.store(s.wrapping_add(1), Ordering::Release);
+            }
+        }
+        let s = h.seq.load(Ordering::Relaxed);
+        h.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        let r = f(&Writer {
+            layout: self.layout(),
+        });
+        h.seq.store(s.wrapping_add(2), Ordering::Release);
+        h.generation.fetch_add(1, Ordering::Relaxed);
+        drop(guard);
+        Ok(r)
+    }
+
+    /// Admits one more connection to channel (g, c) for `worker` unless the channel is full
+    /// (`maxc` > 0 reached, or negative). Lock-free.
+    pub fn reserve(&self, worker: usize, g: usize, c: usize, maxc: i32) -> bool {
+        let (Some(ch), Some(row)) = (self.channel(g, c), self.worker_slot(worker, g, c)) else {
+            return false;
+        };
+        if maxc < 0 {
+            return false;
+        }
+        let admitted = ch
+            .current
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                if maxc > 0 && cur >= maxc as u32 {
+                    None
+                } else {
+                    cur.checked_add(1)
+                }
+            })
+            .is_ok();
+        if admitted {
+            row.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
+    }
+
+    /// Gives back a slot taken with [`Table::reserve`].
+    pub fn release(&self, worker: usize, g: usize, c: usize) {
+        if let (Some(ch), Some(row)) = (self.channel(g, c), self.worker_slot(worker, g, c)) {
+            saturating_sub(row, 1);
+            saturating_sub(&ch.current, 1);
+        }
+    }
+
+    /// Removes a dead worker's share from every channel's current count.
+    pub fn fold_worker(&self, worker: usize) {
+        let Some(rows) = self.layout().worker_current.get(worker) else {
+            return;
+        };
+        for (g, group) in rows.iter().enumerate() {
+            for (c, slot) in group.iter().enumerate() {
+                let n = slot.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    saturating_sub(&self.layout().channels[g][c].current, n);
+                }
+            }
+        }
+    }
+
+    fn worker_slot(&self, worker: usize, g: usize, c: usize) -> Option<&AtomicU32> {
+        self.layout().worker_current.get(worker)?.get(g)?.get(c)
+    }
+}
+
+fn saturating_sub(a: &AtomicU32, n: u32) {
+    let _ = a.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+        Some(v.saturating_sub(n))
+    });
+}
+
+/// Write access to the configuration, handed out by [`Table::update`] only.
+pub struct Writer<'a> {
+    layout: &'a Layout,
+}
+
+impl Writer<'_> {
+    /// Sets a channel's status; returns the previous one, or None for a bad index.
+    pub fn set_enabled(&self, g: usize, c: usize, enabled: bool) -> Option<bool> {
+        let group = self.layout.groups.get(g)?;
+        if c >= channel_count(group) {
+            return None;
+        }
+        let old = self.layout.channels[g][c]
+            .status
+            .swap(u32::from(enabled), Ordering::Relaxed);
+        Some(old == 1)
+    }
+}
+
+fn kind_code(kind: GroupKind) -> u32 {
+    match kind {
+        GroupKind::RoundRobin => 0,
+        GroupKind::Hash => 1,
+    }
+}
+
+fn channel_count(group: &Group) -> usize {
+    (group.nchannels.load(Ordering::Relaxed) as usize).min(MAX_CHANNELS)
+}
+
+fn read_group((group, channels): (&Group, &[Channel; MAX_CHANNELS])) -> GroupConfig {
+    let kind = match group.kind.load(Ordering::Relaxed) {
+        1 => GroupKind::Hash,
+        _ => GroupKind::RoundRobin,
+    };
+    let channels = channels[..channel_count(group)]
+        .iter()
+        .map(|ch| ChannelConfig {
+            enabled: ch.status.load(Ordering::Relaxed) == 1,
+            addr: load_addr(ch),
+            maxc: ch.maxc.load(Ordering::Relaxed),
+        })
+        .collect();
+    GroupConfig { kind, channels }
+}
+
+fn store_addr(ch: &Channel, addr: SocketAddr) {
+    let words: [u32; 4] = match addr.ip() {
+        IpAddr::V4(v4) => {
+            ch.family.store(FAMILY_V4, Ordering::Relaxed);
+            [u32::from(v4), 0, 0, 0]
+        }
+        IpAddr::V6(v6) => {
+            ch.family.store(FAMILY_V6, Ordering::Relaxed);
+            let o = v6.octets();
+            std::array::from_fn(|i| {
+                u32::from_be_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        }
+    };
+    for (slot, w) in ch.addr.iter().zip(words) {
+        slot.store(w, Ordering::Relaxed);
+    }
+    let scope = match addr {
+        SocketAddr::V6(v6) => v6.scope_id(),
+        SocketAddr::V4(_) => 0,
+    };
+    ch.scope_id.store(scope, Ordering::Relaxed);
+    ch.port.store(u32::from(addr.port()), Ordering::Relaxed);
+}
+
+/// The channel's address, or None when the stored family or port is not valid.
+fn load_addr(ch: &Channel) -> Option<SocketAddr> {
+    let port = u16::try_from(ch.port.load(Ordering::Relaxed)).ok()?;
+    if port == 0 {
+        return None;
+    }
+    let w: [u32; 4] = std::array::from_fn(|i| ch.addr[i].load(Ordering::Relaxed));
+    match ch.family.load(Ordering::Relaxed) {
+        FAMILY_V4 => Some(SocketAddr::new(Ipv4Addr::from(w[0]).into(), port)),
+        FAMILY_V6 => {
+            let mut o = [0u8; 16];
+            for (i, word) in w.iter().enumerate() {
+                o[4 * i..4 * i + 4].copy_from_slice(&word.to_be_bytes());
+            }
+            let scope = ch.scope_id.load(Ordering::Relaxed);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(o),
+                port,
+                0,
+                scope,
+            )))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_table(groups: &[InitialGroup]) -> (File, Table) {
+        let path = std::env::temp_dir().join(format!(
+            "balance-table-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .expect("create temp table");
+        std::fs::remove_file(&path).expect("unlink temp table");
+        let table = Table::initialise(&file, groups).expect("initialise");
+        (file, table)
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    #[test]
+    fn initial_configuration_round_trips() {
+        let groups = vec![
+            InitialGroup {
+                kind: GroupKind::RoundRobin,
+                channels: vec![(addr("127.0.0.1:21001"), 0), (addr("[::1]:21002"), 3)],
+            },
+            InitialGroup {
+                kind: GroupKind::Hash,
+                channels: vec![(addr("10.1.2.3:25"), 7)],
+            },
+        ];
+        let (file, table) = temp_table(&groups);
+        let snap = table.snapshot().expect("snapshot");
+        assert_eq!(snap.groups.len(), MAX_GROUPS);
+        assert_eq!(snap.groups[0].kind, GroupKind::RoundRobin);
+        assert_eq!(
+            snap.groups[0].channels,
+            vec![
+                ChannelConfig {
+                    enabled: true,
+                    addr: Some(addr("127.0.0.1:21001")),
+                    maxc: 0
+                },
+                ChannelConfig {
+                    enabled: true,
+                    addr: Some(addr("[::1]:21002")),
+                    maxc: 3
+                },
+            ]
+        );
+        assert_eq!(snap.groups[1].kind, GroupKind::Hash);
+        assert_eq!(snap.groups[1].channels[0].addr, Some(addr("10.1.2.3:25")));
+        assert!(snap.groups[2].channels.is_empty());
+        // A second mapping (as a control client would) sees the same.
+        let other = Table::open(&file, false).expect("reopen");
+        assert_eq!(other.snapshot(), Some(snap));
+    }
+
+    #[test]
+    fn open_refuses_foreign_files() {
+        let (file, table) = temp_table(&[]);
+        table.header().layout_version.store(99, Ordering::Relaxed);
+        assert!(matches!(
+            Table::open(&file, false),
+            Err(TableError::Incompatible { version: 99 })
+        ));
+        table.header().magic.store(0, Ordering::Relaxed);
+        assert!(matches!(
+            Table::open(&file, false),
+            Err(TableError::WrongMagic)
+        ));
+        file.set_len(100).expect("truncate");
+        assert!(matches!(
+            Table::open(&file, false),
+            Err(TableError::TooSmall { size: 100 })
+        ));
+    }
+
+    #[test]
+    fn maxc_admission_and_worker_fold() {
+        let groups = vec![InitialGroup {
+            kind: GroupKind::RoundRobin,
+            channels: vec![(addr("127.0.0.1:1"), 2)],
+        }];
+        let (_file, table) = temp_table(&groups);
+        assert!(table.reserve(0, 0, 0, 2));
+        assert!(table.reserve(1, 0, 0, 2));
+        assert!(!table.reserve(1, 0, 0, 2), "maxc 2 reached");
+        assert!(!table.reserve(0, 0, 0, -1), "negative maxc never admits");
+        assert!(!table.reserve(0, 0, 99, 0), "bad index");
+        table.fold_worker(1);
+        assert_eq!(
+            table.channel(0, 0).unwrap().current.load(Ordering::Relaxed),
+            1
+        );
+        table.release(0, 0, 0);
+        assert_eq!(
+            table.channel(0, 0).unwrap().current.load(Ordering::Relaxed),
+            0
+        );
+        table.release(0, 0, 0);
+        assert_eq!(
+            table.channel(0, 0).unwrap().current.load(Ordering::Relaxed),
+            0,
+            "never below zero"
+        );
+    }
+
+    #[test]
+    fn hostile_values_are_validated() {
+        let groups = vec![InitialGroup {
+            kind: GroupKind::RoundRobin,
+            channels: vec![(addr("127.0.0.1:1"), 0)],
+        }];
+        let (_file, table) = temp_table(&groups);
+        let l = table.layout();
+        l.groups[0].nchannels.store(u32::MAX, Ordering::Relaxed);
+        l.groups[0].kind.store(77, Ordering::Relaxed);
+        l.channels[0][0].family.store(99, Ordering::Relaxed);
+        l.channels[0][1].port.store(70000, Ordering::Relaxed);
+        let snap = table.snapshot().expect("snapshot");
+        assert_eq!(snap.groups[0].channels.len(), MAX_CHANNELS);
+        assert_eq!(snap.groups[0].kind, GroupKind::RoundRobin);
+        assert!(snap.groups[0].channels.iter().all(|c| c.addr.is_none()));
+    }
+
+    #[test]
+    fn update_bumps_seq_and_repairs_a_dead_writer() {
+        let groups = vec![InitialGroup {
+            kind: GroupKind::RoundRobin,
+            channels: vec![(addr("127.0.0.1:1"), 0)],
+        }];
+        let (_file, table) = temp_table(&groups);
+        let before = table.seq();
+        let old = table
+            .update(|w| w.set_enabled(0, 0, false))
+            .expect("update");
+        assert_eq!(old, Some(true));
+        assert_eq!(table.seq(), before + 2);
+        assert!(!table.snapshot().unwrap().groups[0].channels[0].enabled);
+        // Simulate a writer killed mid-update: odd seq, lock marked owner-died.
+        table.header().seq.store(before + 3, Ordering::Relaxed);
+        assert!(table.snapshot().is_none(), "odd seq: no consistent read");
+        table.header().lock.store(0x4000_0000, Ordering::Relaxed);
+        table
+            .update(|w| w.set_enabled(0, 0, true))
+            .expect("update after repair");
+        assert_eq!(table.seq() & 1, 0);
+        assert!(table.snapshot().unwrap().groups[0].channels[0].enabled);
+    }
+}
