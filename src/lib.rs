@@ -6,6 +6,8 @@
 //! - `futex`: the robust writer lock inside the table.
 //! - `select`: channel choice (round robin, hash, failover order), pure logic.
 //! - `supervisor`: root bootstrap, privilege drop, worker pool, shutdown.
+//! - `control`: `balance -i` / `-c`, the operator's shell on the table.
+//! - `log`: the supervisor's syslog connection.
 //! - `worker`: one sandboxed worker process: accept → pick → connect → relay → account.
 //! - `relay`: the only place bytes move between client and backend.
 //! - `ipc`: the messages between supervisor and workers, and their strict decoding.
@@ -33,6 +35,9 @@ pub mod exitcode {
     pub const EX_UNAVAILABLE: u8 = 69;
     pub const EX_SOFTWARE: u8 = 70;
     pub const EX_OSERR: u8 = 71;
+    pub const EX_IOERR: u8 = 74;
+    pub const EX_TEMPFAIL: u8 = 75;
+    pub const EX_NOPERM: u8 = 77;
 }
 
 /// The daemon's version, as written into the table header.

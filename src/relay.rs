@@ -201,7 +201,7 @@ mod tests {
         data.push(b'\n');
         data.extend(0u8..=0x27);
         let expected = format!(
-            "-> 141\n{}\n{}\\0A\n{}\\0A\n{} !\"#$%&'\n\n",
+            "-> 141\n{}\n{}\\0A\n{}\\0A\n{} !\"#$%&'\n",
             "A".repeat(81),
             "A".repeat(19),
             (0..10).map(|b| format!("\\{b:02X}")).collect::<String>(),

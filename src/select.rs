@@ -131,7 +131,8 @@ mod tests {
         )]);
         assert_eq!(candidates(&s, 0, false, |_| 0), vec![(0, 0), (0, 3)]);
         assert_eq!(candidates(&s, 0, false, |_| 2), vec![(0, 3), (0, 0)]);
-        assert_eq!(candidates(&s, 0, false, |_| 9), vec![(0, 0), (0, 3)]);
+        assert_eq!(candidates(&s, 0, false, |_| 9), vec![(0, 3), (0, 0)]);
+        assert_eq!(candidates(&s, 0, false, |_| 4), vec![(0, 0), (0, 3)]);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::ipc::{self, IpcError, Message, Priority, WorkerConfig};
 use crate::log::Logger;
 use crate::table::{MAX_GROUPS, MAX_WORKERS};
 
-pub use bootstrap::Fatal;
+pub use bootstrap::{lookup_host, Fatal};
 
 /// A worker that dies sooner than this after its start counts against the crash budget.
 const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
@@ -69,6 +69,9 @@ struct Supervisor {
     boot: bootstrap::Boot,
     template: WorkerConfig,
     autodisable: bool,
+    /// Detached daemon: workers get /dev/null as stdout and stderr, never the launcher's
+    /// terminal or pipe.
+    detached: bool,
     logger: RefCell<Logger>,
     stopping: Cell<bool>,
     /// Worker pid per slot, while one runs.
@@ -137,6 +140,7 @@ fn supervise(
             dump: args.dump,
         },
         autodisable: args.autodisable,
+        detached: launcher.is_some(),
         boot,
         logger: RefCell::new(logger),
         stopping: Cell::new(false),
@@ -337,6 +341,10 @@ async fn spawn_worker(
         .arg(slot.to_string())
         .env_clear()
         .stdin(std::process::Stdio::null());
+    if sup.detached {
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
     crate::sys::worker_child_setup(&mut cmd, theirs.as_raw_fd());
     let child = tokio::process::Command::from(cmd).spawn()?;
     drop(theirs);

@@ -422,6 +422,109 @@ impl Writer<'_> {
             .swap(u32::from(enabled), Ordering::Relaxed);
         Some(old == 1)
     }
+
+    /// Channel `c` of group `g` as it is now (under the lock), or None for a bad index.
+    pub fn config(&self, g: usize, c: usize) -> Option<ChannelConfig> {
+        let group = self.layout.groups.get(g)?;
+        if c >= channel_count(group) {
+            return None;
+        }
+        Some(read_channel(&self.layout.channels[g][c]))
+    }
+
+    /// Sets a channel's connection limit; returns the previous one, or None for a bad index.
+    pub fn set_maxc(&self, g: usize, c: usize, maxc: i32) -> Option<i32> {
+        let group = self.layout.groups.get(g)?;
+        if c >= channel_count(group) {
+            return None;
+        }
+        Some(
+            self.layout.channels[g][c]
+                .maxc
+                .swap(maxc, Ordering::Relaxed),
+        )
+    }
+
+    /// Sets how a group distributes connections; returns the previous kind, or None for a
+    /// bad group.
+    pub fn set_kind(&self, g: usize, kind: GroupKind) -> Option<GroupKind> {
+        let group = self.layout.groups.get(g)?;
+        Some(kind_from_code(
+            group.kind.swap(kind_code(kind), Ordering::Relaxed),
+        ))
+    }
+
+    /// Appends a disabled channel to group `g`, with no connection limit and every counter
+    /// zeroed (the original let a new channel inherit a previous run's counters). Returns
+    /// its index, or None when the group is full or `g` is out of range.
+    pub fn create_channel(&self, g: usize, addr: SocketAddr) -> Option<usize> {
+        let group = self.layout.groups.get(g)?;
+        let c = channel_count(group);
+        if c >= MAX_CHANNELS {
+            return None;
+        }
+        let ch = &self.layout.channels[g][c];
+        ch.status.store(0, Ordering::Relaxed);
+        store_addr(ch, addr);
+        ch.maxc.store(0, Ordering::Relaxed);
+        ch.current.store(0, Ordering::Relaxed);
+        zero_counters(ch);
+        for rows in &self.layout.worker_current {
+            rows[g][c].store(0, Ordering::Relaxed);
+        }
+        group.nchannels.store(c as u32 + 1, Ordering::Relaxed);
+        Some(c)
+    }
+
+    /// Points channel `c` of group `g` at a new address, keeping its counters. Returns the
+    /// previous address (None inside when it was not valid), or None for a bad index.
+    /// Whether the channel may be reassigned while enabled is the caller's rule.
+    pub fn assign(&self, g: usize, c: usize, addr: SocketAddr) -> Option<Option<SocketAddr>> {
+        let group = self.layout.groups.get(g)?;
+        if c >= channel_count(group) {
+            return None;
+        }
+        let ch = &self.layout.channels[g][c];
+        let old = load_addr(ch);
+        store_addr(ch, addr);
+        Some(old)
+    }
+
+    /// Zeroes a channel's total connections and byte counts (not the connections open now).
+    /// Returns the old (total, sent, received), or None for a bad index.
+    pub fn reset_counters(&self, g: usize, c: usize) -> Option<(u64, u64, u64)> {
+        let group = self.layout.groups.get(g)?;
+        if c >= channel_count(group) {
+            return None;
+        }
+        Some(zero_counters(&self.layout.channels[g][c]))
+    }
+}
+
+/// The group kind stored as `code`; unknown values read as round robin, as workers do.
+fn kind_from_code(code: u32) -> GroupKind {
+    match code {
+        1 => GroupKind::Hash,
+        _ => GroupKind::RoundRobin,
+    }
+}
+
+fn read_channel(ch: &Channel) -> ChannelConfig {
+    ChannelConfig {
+        enabled: ch.status.load(Ordering::Relaxed) == 1,
+        addr: load_addr(ch),
+        maxc: ch.maxc.load(Ordering::Relaxed),
+    }
+}
+
+/// Zeroes total/sent/received; returns their old values. They are counted without the lock,
+/// so an increment racing with this lands either before (lost with the rest) or after.
+fn zero_counters(ch: &Channel) -> (u64, u64, u64) {
+    (
+        ch.total.swap(0, Ordering::Relaxed),
+        ch.sent.swap(0, Ordering::Relaxed),
+        ch.received.swap(0, Ordering::Relaxed),
+    )
 }
 
 fn kind_code(kind: GroupKind) -> u32 {

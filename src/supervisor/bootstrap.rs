@@ -165,17 +165,18 @@ fn resolve_channel(spec: &ChannelSpec) -> Result<SocketAddr, Fatal> {
     resolve_host(&spec.host, spec.port)
 }
 
-/// Resolves a host name or literal (IPv4 or IPv6) to its first address.
-pub fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, Fatal> {
-    let invalid = || Fatal::new(EX_DATAERR, format!("unknown or invalid address [{host}]"));
+/// Resolves a host name or literal (IPv4, IPv6, or the classic inet_aton forms) to its first
+/// address. Used only where resolving is allowed: the bootstrap and the control shell.
+pub fn lookup_host(host: &str, port: u16) -> Option<SocketAddr> {
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
+        return Some(SocketAddr::new(ip, port));
     }
-    (host, port)
-        .to_socket_addrs()
-        .map_err(|_| invalid())?
-        .next()
-        .ok_or_else(invalid)
+    (host, port).to_socket_addrs().ok()?.next()
+}
+
+fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, Fatal> {
+    lookup_host(host, port)
+        .ok_or_else(|| Fatal::new(EX_DATAERR, format!("unknown or invalid address [{host}]")))
 }
 
 /// Binds the listening socket: `-b` address if given, else `[::]` dual stack with `-6`, else

@@ -1,3 +1,0 @@
-pub fn run(_a: crate::cli::ShellArgs) -> std::process::ExitCode {
-    std::process::ExitCode::from(70)
-}

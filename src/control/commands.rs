@@ -1,0 +1,473 @@
+//! The shell's commands: parsing one line into a [`Command`], and running it on the table.
+
+use std::net::SocketAddr;
+use std::num::IntErrorKind;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{access, format, AuditEvent, Failure, Reply, Session};
+use crate::cli::{self, Services};
+use crate::futex::LockError;
+use crate::table::{GroupKind, Snapshot, TableError, Writer, MAX_GROUPS};
+
+/// How long `kill` waits for the master to let go of the table. The supervisor notices the
+/// flag within 200 ms and gives its workers up to 5 s to finish.
+const KILL_WAIT: Duration = Duration::from_secs(8);
+const KILL_POLL: Duration = Duration::from_millis(50);
+
+/// Command names in the original's matching order: a typed word selects the first name it
+/// is a prefix of, so `k` is kill and `r` is reset, as users of the original expect.
+const NAMES: [&str; 17] = [
+    "quit",
+    "show",
+    "help",
+    "?",
+    "kill",
+    "disable",
+    "group",
+    "reset",
+    "enable",
+    "create",
+    "assign",
+    "maxc",
+    "mrtg-bytes",
+    "mrtg-conns",
+    "version",
+    "hash",
+    "rr",
+];
+
+/// One parsed command line. Channel and group numbers stay as typed (signed) until they are
+/// checked against the table, so messages can quote them (`no such channel -1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Quit,
+    Show {
+        json: bool,
+    },
+    Help,
+    Kill,
+    Disable(i64),
+    Group(usize),
+    Reset(i64),
+    Enable(i64),
+    Create {
+        host: String,
+        port: Option<String>,
+    },
+    Assign {
+        channel: i64,
+        host: String,
+        port: Option<String>,
+    },
+    Maxc {
+        channel: i64,
+        maxc: i32,
+    },
+    MrtgBytes {
+        group: i64,
+        channel: i64,
+    },
+    MrtgConns {
+        group: i64,
+        channel: i64,
+    },
+    Version,
+    Hash,
+    RoundRobin,
+}
+
+/// Why a line is not a command; the text is what the original printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    Syntax,
+    OutOfRange,
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ParseError::Syntax => "syntax error",
+            ParseError::OutOfRange => "value out of range",
+        })
+    }
+}
+
+impl Command {
+    /// Parses one line; `Ok(None)` for a blank line.
+    ///
+    /// Deviations from the original, on purpose: numbers must be numbers (the original's
+    /// `atoi` made `disable x` mean channel 0 and `group 256` mean group 0), and words left
+    /// over after a command's arguments are a syntax error rather than ignored, so a typo
+    /// like `disable 1 2` cannot silently do half of what was meant.
+    pub fn parse(line: &str) -> Result<Option<Command>, ParseError> {
+        let mut words = line.split_whitespace();
+        let Some(word) = words.next() else {
+            return Ok(None);
+        };
+        let name = NAMES
+            .iter()
+            .find(|n| n.starts_with(word))
+            .ok_or(ParseError::Syntax)?;
+        let args: Vec<&str> = words.collect();
+        let cmd = match (*name, args.as_slice()) {
+            ("quit", []) => Command::Quit,
+            ("show", []) => Command::Show { json: false },
+            ("show", ["json"]) => Command::Show { json: true },
+            ("help" | "?", []) => Command::Help,
+            ("kill", []) => Command::Kill,
+            ("disable", [n]) => Command::Disable(number(n)?),
+            ("enable", [n]) => Command::Enable(number(n)?),
+            ("reset", [n]) => Command::Reset(number(n)?),
+            ("group", [g]) => Command::Group(
+                usize::try_from(number(g)?)
+                    .ok()
+                    .filter(|&g| g < MAX_GROUPS)
+                    .ok_or(ParseError::OutOfRange)?,
+            ),
+            ("create", [host]) if split_host_port(host).1.is_some() => Command::Create {
+                host: host.to_string(),
+                port: None,
+            },
+            ("create", [host, port]) => Command::Create {
+                host: host.to_string(),
+                port: Some(port.to_string()),
+            },
+            ("assign", [n, host]) if split_host_port(host).1.is_some() => Command::Assign {
+                channel: number(n)?,
+                host: host.to_string(),
+                port: None,
+            },
+            ("assign", [n, host, port]) => Command::Assign {
+                channel: number(n)?,
+                host: host.to_string(),
+                port: Some(port.to_string()),
+            },
+            ("maxc", [n, m]) => Command::Maxc {
+                channel: number(n)?,
+                maxc: i32::try_from(number(m)?).map_err(|_| ParseError::OutOfRange)?,
+            },
+            ("mrtg-bytes", [g, c]) => Command::MrtgBytes {
+                group: number(g)?,
+                channel: number(c)?,
+            },
+            ("mrtg-conns", [g, c]) => Command::MrtgConns {
+                group: number(g)?,
+                channel: number(c)?,
+            },
+            ("version", []) => Command::Version,
+            ("hash", []) => Command::Hash,
+            ("rr", []) => Command::RoundRobin,
+            _ => return Err(ParseError::Syntax),
+        };
+        Ok(Some(cmd))
+    }
+
+    /// The full command name, for messages and the audit trail.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Quit => "quit",
+            Command::Show { .. } => "show",
+            Command::Help => "help",
+            Command::Kill => "kill",
+            Command::Disable(_) => "disable",
+            Command::Group(_) => "group",
+            Command::Reset(_) => "reset",
+            Command::Enable(_) => "enable",
+            Command::Create { .. } => "create",
+            Command::Assign { .. } => "assign",
+            Command::Maxc { .. } => "maxc",
+            Command::MrtgBytes { .. } => "mrtg-bytes",
+            Command::MrtgConns { .. } => "mrtg-conns",
+            Command::Version => "version",
+            Command::Hash => "hash",
+            Command::RoundRobin => "rr",
+        }
+    }
+
+    /// Whether the command writes the table (and so needs a read-write open).
+    pub fn is_mutating(&self) -> bool {
+        matches!(
+            self,
+            Command::Kill
+                | Command::Disable(_)
+                | Command::Reset(_)
+                | Command::Enable(_)
+                | Command::Create { .. }
+                | Command::Assign { .. }
+                | Command::Maxc { .. }
+                | Command::Hash
+                | Command::RoundRobin
+        )
+    }
+}
+
+/// A signed decimal number; anything else is a syntax error, too large a value out of range.
+fn number(text: &str) -> Result<i64, ParseError> {
+    text.parse()
+        .map_err(|e: std::num::ParseIntError| match e.kind() {
+            IntErrorKind::PosOverflow | IntErrorKind::NegOverflow => ParseError::OutOfRange,
+            _ => ParseError::Syntax,
+        })
+}
+
+/// Splits `host:port` and `[v6]:port`; a bare IPv6 literal (several colons) has no port.
+fn split_host_port(text: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = text.strip_prefix('[') {
+        if let Some((host, after)) = rest.split_once(']') {
+            return match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None if after.is_empty() => (host, None),
+                None => (text, None),
+            };
+        }
+    }
+    match text.split_once(':') {
+        Some((host, port)) if !port.contains(':') => (host, Some(port)),
+        _ => (text, None),
+    }
+}
+
+/// Resolves `create`/`assign` arguments; a port inside HOST wins over PORT, as in the
+/// original. The first address found is used, as at start-up.
+pub fn resolve(host: &str, port: Option<&str>, services: &Services) -> Option<SocketAddr> {
+    let (host, inline_port) = split_host_port(host);
+    let port = cli::parse_port(inline_port.or(port)?, services)?;
+    if host.is_empty() {
+        return None;
+    }
+    crate::supervisor::lookup_host(host, port)
+}
+
+fn rejected(text: impl Into<String>) -> Failure {
+    Failure::Rejected(text.into())
+}
+
+impl Session<'_> {
+    /// Runs one parsed command against the table.
+    pub(super) fn execute(&mut self, cmd: &Command) -> Result<Reply, Failure> {
+        if cmd.is_mutating() && !self.table.is_writable() {
+            return Err(Failure::ReadOnly(cmd.name()));
+        }
+        let g = self.group;
+        match *cmd {
+            Command::Quit => Ok(Reply::quit(String::new())),
+            Command::Help => Ok(Reply::text(format::HELP)),
+            Command::Version => Ok(Reply::text(format::version())),
+            Command::Show { json } => {
+                let snap = self.snapshot()?;
+                Ok(Reply::text(if json || self.json {
+                    format::show_json(self.table, &snap)
+                } else {
+                    format::show(self.table, &snap)
+                }))
+            }
+            Command::Group(group) => {
+                self.group = group;
+                Ok(Reply::text(""))
+            }
+            Command::Enable(n) => self.set_enabled(n, true),
+            Command::Disable(n) => self.set_enabled(n, false),
+            Command::Reset(n) => {
+                let old = self
+                    .write(|w| w.reset_counters(g, index(n)?))?
+                    .ok_or_else(|| rejected(format!("no such channel {n}")))?;
+                let (t, s, r) = old;
+                Ok(Reply::changed(
+                    format!("channel {n} counters reset\n"),
+                    self.event(cmd, Some(n), format!("totalc {t} sent {s} rcvd {r}"), "0"),
+                ))
+            }
+            Command::Maxc { channel, maxc } => {
+                let old = self
+                    .write(|w| w.set_maxc(g, index(channel)?, maxc))?
+                    .ok_or_else(|| rejected("unknown channel"))?;
+                Ok(Reply::changed(
+                    format!("maxc of channel {channel} changed to {maxc}\n"),
+                    self.event(cmd, Some(channel), old.to_string(), maxc.to_string()),
+                ))
+            }
+            Command::Hash => self.set_kind(cmd, GroupKind::Hash),
+            Command::RoundRobin => self.set_kind(cmd, GroupKind::RoundRobin),
+            Command::Create { ref host, ref port } => self.create(cmd, host, port.as_deref()),
+            Command::Assign {
+                channel,
+                ref host,
+                ref port,
+            } => self.assign(cmd, channel, host, port.as_deref()),
+            Command::MrtgBytes { group, channel } => {
+                let (g, c) = self.mrtg_target(group, channel)?;
+                Ok(Reply::text(format::mrtg_bytes(self.table, g, c)))
+            }
+            Command::MrtgConns { group, channel } => {
+                let (g, c) = self.mrtg_target(group, channel)?;
+                Ok(Reply::text(format::mrtg_conns(self.table, g, c)))
+            }
+            Command::Kill => self.kill(cmd),
+        }
+    }
+
+    /// A consistent read of the configuration. A writer killed mid-update leaves the seqlock
+    /// odd until the next writer repairs it; with write access, an empty update does that
+    /// repair here (and reports a live holder as [`Failure::Locked`]).
+    fn snapshot(&self) -> Result<Snapshot, Failure> {
+        if let Some(snap) = self.table.snapshot() {
+            return Ok(snap);
+        }
+        if self.table.is_writable() {
+            self.write(|_| ())?;
+        }
+        self.table.snapshot().ok_or(Failure::Busy)
+    }
+
+    /// Runs `f` as the table's writer, turning lock trouble into a [`Failure`].
+    fn write<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, Failure> {
+        self.table.update(f).map_err(|e| match e {
+            TableError::Lock(LockError::Timeout { holder }) => Failure::Locked { holder },
+            other => Failure::Table(other),
+        })
+    }
+
+    fn event(
+        &self,
+        cmd: &Command,
+        channel: Option<i64>,
+        old: impl Into<String>,
+        new: impl Into<String>,
+    ) -> AuditEvent {
+        AuditEvent {
+            uid: nix::unistd::getuid().as_raw(),
+            command: cmd.name(),
+            group: self.group,
+            channel: channel.and_then(index),
+            old: old.into(),
+            new: new.into(),
+        }
+    }
+
+    fn set_enabled(&self, n: i64, on: bool) -> Result<Reply, Failure> {
+        let g = self.group;
+        let was = self
+            .write(|w| w.set_enabled(g, index(n)?, on))?
+            .ok_or_else(|| rejected(format!("no such channel {n}")))?;
+        let word = if on { "enabled" } else { "disabled" };
+        if was == on {
+            return Ok(Reply::text(format!("channel {n} already {word}\n")));
+        }
+        let cmd = if on {
+            Command::Enable(n)
+        } else {
+            Command::Disable(n)
+        };
+        let old = if on { "disabled" } else { "enabled" };
+        Ok(Reply::changed(
+            format!("channel {n} {word}\n"),
+            self.event(&cmd, Some(n), old, word),
+        ))
+    }
+
+    fn set_kind(&self, cmd: &Command, kind: GroupKind) -> Result<Reply, Failure> {
+        let g = self.group;
+        let old = self
+            .write(|w| w.set_kind(g, kind))?
+            .ok_or_else(|| rejected("value out of range"))?;
+        let name = |k| match k {
+            GroupKind::RoundRobin => "round robin",
+            GroupKind::Hash => "hash",
+        };
+        Ok(Reply::changed(
+            format!("group {g} set to {}\n", name(kind)),
+            self.event(cmd, None, name(old), name(kind)),
+        ))
+    }
+
+    /// Resolves before taking the lock (a name lookup can be slow), so a bad host changes
+    /// nothing.
+    fn create(&self, cmd: &Command, host: &str, port: Option<&str>) -> Result<Reply, Failure> {
+        let addr =
+            resolve(host, port, &self.services).ok_or_else(|| rejected("invalid address"))?;
+        let g = self.group;
+        let c = self
+            .write(|w| w.create_channel(g, addr))?
+            .ok_or_else(|| rejected("no channel slots available"))?;
+        let mut event = self.event(cmd, None, "-", addr.to_string());
+        event.channel = Some(c);
+        Ok(Reply::changed("channel created\n", event))
+    }
+
+    /// Checks in the original's order: the channel exists, the address resolves, the channel
+    /// is disabled. Nothing is written unless all three hold (the original wrote first).
+    fn assign(
+        &self,
+        cmd: &Command,
+        n: i64,
+        host: &str,
+        port: Option<&str>,
+    ) -> Result<Reply, Failure> {
+        let g = self.group;
+        let exists = |snap: &Snapshot| index(n).is_some_and(|c| c < snap.groups[g].channels.len());
+        if !exists(&self.snapshot()?) {
+            return Err(rejected("unknown channel"));
+        }
+        let addr =
+            resolve(host, port, &self.services).ok_or_else(|| rejected("invalid address"))?;
+        let old = self.write(|w| {
+            let c = index(n).ok_or("unknown channel")?;
+            match w.config(g, c) {
+                None => Err("unknown channel"),
+                Some(ch) if ch.enabled => Err("channel must be disabled to assign new address"),
+                Some(_) => Ok(w.assign(g, c, addr).flatten()),
+            }
+        })?;
+        let old = old.map_err(rejected)?;
+        Ok(Reply::changed(
+            "channel reassigned\n",
+            self.event(
+                cmd,
+                Some(n),
+                old.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                addr.to_string(),
+            ),
+        ))
+    }
+
+    /// Checks `mrtg-*` arguments against the named group (the original checked the channel
+    /// against the current group, with an off-by-one).
+    fn mrtg_target(&self, group: i64, channel: i64) -> Result<(usize, usize), Failure> {
+        let g = usize::try_from(group)
+            .ok()
+            .filter(|&g| g < MAX_GROUPS)
+            .ok_or_else(|| rejected("unknown group"))?;
+        let snap = self.snapshot()?;
+        let c = index(channel)
+            .filter(|&c| c < snap.groups[g].channels.len())
+            .ok_or_else(|| rejected("unknown channel"))?;
+        Ok((g, c))
+    }
+
+    /// Asks the supervisor to shut down (a flag it polls; no signal, no pid) and waits until
+    /// it has let go of the table. The flag is an atomic outside the configuration, so it is
+    /// set without the writer lock: a stuck writer cannot prevent a shutdown.
+    fn kill(&self, cmd: &Command) -> Result<Reply, Failure> {
+        self.table.header().shutdown.store(1, Ordering::Release);
+        let deadline = Instant::now() + KILL_WAIT;
+        loop {
+            match access::master_alive(self.file) {
+                Ok(false) => break,
+                Ok(true) if Instant::now() < deadline => std::thread::sleep(KILL_POLL),
+                Ok(true) => return Err(Failure::ShutdownFailed),
+                Err(e) => return Err(Failure::Table(TableError::Io(e))),
+            }
+        }
+        Ok(Reply {
+            text: "shutdown complete, exiting.\n".to_string(),
+            audit: Some(self.event(cmd, None, "running", "shut down")),
+            quit: true,
+        })
+    }
+}
+
+/// A channel number as an index, or None when negative.
+fn index(n: i64) -> Option<usize> {
+    usize::try_from(n).ok()
+}

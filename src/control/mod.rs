@@ -1,0 +1,346 @@
+//! The control shell: `balance -i PORT` (interactive) and `balance -c "CMD" PORT` (one command).
+//!
+//! A control client starts like the other roles, in one place ([`run`]): find the table file
+//! of the instance (`<run-dir>/balance.<port>.<bind>`) → open it, read-write if the file's
+//! permissions allow, else read-only ([`access`]) → check a master still holds it → map it →
+//! run commands ([`commands`]) and print in the original's formats ([`format`]).
+//!
+//! Nothing here signals a process: liveness is the supervisor's `flock` on the table, and
+//! `kill` is a flag in the table that the supervisor polls. Every change goes through
+//! `Table::update` (robust lock, seqlock) and yields an [`AuditEvent`].
+//!
+//! Exit codes (sysexits). The original exited 0 after any command; `-c` now reports failure:
+//! - 0: success, `quit`, end of input, `kill` done;
+//! - 65 (`EX_DATAERR`): `syntax error`, `value out of range`, no such channel or group,
+//!   `invalid address`, group full, channel must be disabled; also a table of another
+//!   layout version (the original's `release mismatch`);
+//! - 69 (`EX_UNAVAILABLE`): no master serves the table; `kill` did not finish;
+//! - 70 (`EX_SOFTWARE`): any other error from the table;
+//! - 71 (`EX_OSERR`): the table file cannot be opened (permissions, as the original) or is
+//!   not one the daemon made (wrong owner, type or mode);
+//! - 74 (`EX_IOERR`): stdout or stdin failed (a closed pipe on stdout ends quietly with 0);
+//! - 75 (`EX_TEMPFAIL`): the writer lock stayed held for its whole timeout, or the
+//!   configuration kept changing under a reader: trying again may work;
+//! - 77 (`EX_NOPERM`): a changing command with read-only access.
+//!
+//! In `-i` mode only "no master" and a failed `kill` end the session; other failures are
+//! printed and the prompt comes back.
+
+mod access;
+mod commands;
+mod format;
+
+use std::fs::File;
+use std::io::{self, BufRead, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::cli::{self, Services, ShellArgs};
+use crate::exitcode::{EX_DATAERR, EX_OSERR, EX_SOFTWARE, EX_UNAVAILABLE};
+use crate::table::{Table, TableError};
+
+use access::AccessError;
+pub use commands::{Command, ParseError};
+
+use crate::exitcode::{EX_IOERR, EX_NOPERM, EX_TEMPFAIL};
+
+/// One change made through the shell: what was changed, by whom, from what to what.
+///
+/// This is the seam for the audit log (issue 5): every successful changing command returns
+/// one. Today it is only printed on stderr with `-d`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Real uid of the user who ran the shell.
+    pub uid: u32,
+    /// Full command name (`disable`, not `d`).
+    pub command: &'static str,
+    pub group: usize,
+    /// None for commands on the whole group or the instance (`hash`, `kill`).
+    pub channel: Option<usize>,
+    pub old: String,
+    pub new: String,
+}
+
+impl std::fmt::Display for AuditEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "uid {}: {} group {}", self.uid, self.command, self.group)?;
+        if let Some(c) = self.channel {
+            write!(f, " channel {c}")?;
+        }
+        write!(f, ": {} -> {}", self.old, self.new)
+    }
+}
+
+/// What a command that worked produced.
+#[derive(Debug)]
+pub struct Reply {
+    /// For stdout, each line ending in a newline (may be empty).
+    pub text: String,
+    pub audit: Option<AuditEvent>,
+    /// The session ends after this reply (`quit`, `kill`).
+    pub quit: bool,
+}
+
+impl Reply {
+    fn text(text: impl Into<String>) -> Reply {
+        Reply {
+            text: text.into(),
+            audit: None,
+            quit: false,
+        }
+    }
+
+    fn changed(text: impl Into<String>, audit: AuditEvent) -> Reply {
+        Reply {
+            text: text.into(),
+            audit: Some(audit),
+            quit: false,
+        }
+    }
+
+    fn quit(text: String) -> Reply {
+        Reply {
+            text,
+            audit: None,
+            quit: true,
+        }
+    }
+}
+
+/// Why a command did not work.
+#[derive(Debug)]
+pub enum Failure {
+    /// Refused with the original's words (`syntax error`, `no such channel 5`, …), on stdout.
+    Rejected(String),
+    /// A changing command with a read-only table; holds the command's name.
+    ReadOnly(&'static str),
+    /// The writer lock stayed held by this thread for the whole timeout.
+    Locked {
+        holder: u32,
+    },
+    /// The configuration kept changing (or a dead writer left it mid-update): no snapshot.
+    Busy,
+    /// The master is gone.
+    NoMaster,
+    /// `kill` was sent but the master did not let go of the table in time.
+    ShutdownFailed,
+    Table(TableError),
+}
+
+impl Failure {
+    pub fn code(&self) -> u8 {
+        match self {
+            Failure::Rejected(_) => EX_DATAERR,
+            Failure::ReadOnly(_) => EX_NOPERM,
+            Failure::Locked { .. } | Failure::Busy => EX_TEMPFAIL,
+            Failure::NoMaster | Failure::ShutdownFailed => EX_UNAVAILABLE,
+            Failure::Table(_) => EX_SOFTWARE,
+        }
+    }
+
+    /// Whether `-i` stops after this failure.
+    fn ends_session(&self) -> bool {
+        matches!(self, Failure::NoMaster | Failure::ShutdownFailed)
+    }
+
+    /// Prints the failure: the original's messages on stdout, our own on stderr.
+    fn report(&self, path: &Path, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<()> {
+        match self {
+            Failure::Rejected(text) => writeln!(out, "{text}"),
+            Failure::NoMaster => writeln!(out, "no master process, exiting."),
+            Failure::ShutdownFailed => writeln!(out, "shutdown failed."),
+            Failure::ReadOnly(cmd) => writeln!(
+                err,
+                "balance: read-only access to {}: {cmd} needs write permission (run it as root)",
+                path.display()
+            ),
+            Failure::Locked { holder } => writeln!(
+                err,
+                "balance: table is locked by another writer (thread {holder}); try again"
+            ),
+            Failure::Busy => writeln!(
+                err,
+                "balance: the table kept changing while being read; try again"
+            ),
+            Failure::Table(e) => writeln!(err, "balance: {}: {e}", path.display()),
+        }
+    }
+}
+
+impl From<ParseError> for Failure {
+    fn from(e: ParseError) -> Self {
+        Failure::Rejected(e.to_string())
+    }
+}
+
+/// Runs the control shell as asked; returns the process's exit code.
+pub fn run(args: ShellArgs) -> ExitCode {
+    let listen = &args.common.listen;
+    let path = args
+        .common
+        .run_dir
+        .join(cli::table_file_name(listen.port, listen.bind.as_deref()));
+    let attached = match access::attach(&path) {
+        Ok(a) => a,
+        Err(e) => return ExitCode::from(report_access(&e, &path, &args.control_group)),
+    };
+    let mut session = Session {
+        table: &attached.table,
+        file: &attached.file,
+        path: &path,
+        group: 0,
+        json: args.json,
+        debug: args.common.debug,
+        services: Services::system(),
+    };
+    let (stdout, stderr) = (io::stdout(), io::stderr());
+    let (mut out, mut err) = (stdout.lock(), stderr.lock());
+    let code = match &args.command {
+        Some(line) => session.run_one(line, &mut out, &mut err),
+        None => session.interactive(&mut io::stdin().lock(), &mut out, &mut err),
+    };
+    ExitCode::from(code)
+}
+
+/// Prints why the table could not be used; returns the exit code.
+fn report_access(e: &AccessError, path: &Path, control_group: &str) -> u8 {
+    let path = path.display();
+    match e {
+        AccessError::NoMaster => {
+            println!("no master process, exiting.");
+            EX_UNAVAILABLE
+        }
+        AccessError::Denied => {
+            eprintln!("balance: cannot open {path}: Permission denied");
+            eprintln!(
+                "balance: reading needs membership in group {control_group}, changes need root"
+            );
+            EX_OSERR
+        }
+        AccessError::Unsafe(why) => {
+            eprintln!("balance: refusing to use {path}: {why}");
+            EX_OSERR
+        }
+        AccessError::Io(e) => {
+            eprintln!("balance: cannot open {path}: {e}");
+            EX_OSERR
+        }
+        AccessError::Table(e @ (TableError::Incompatible { .. } | TableError::WrongMagic)) => {
+            eprintln!("balance: {path}: {e}; is this the balance that started the daemon?");
+            EX_DATAERR
+        }
+        AccessError::Table(e @ TableError::TooSmall { .. }) => {
+            eprintln!("balance: {path}: {e}");
+            EX_DATAERR
+        }
+        AccessError::Table(e) => {
+            eprintln!("balance: {path}: {e}");
+            EX_SOFTWARE
+        }
+    }
+}
+
+/// A control session on one mapped table.
+struct Session<'a> {
+    table: &'a Table,
+    /// The open table file, whose lock tells whether the master is still there.
+    file: &'a File,
+    path: &'a Path,
+    /// The current group (`group G`; always 0 with `-c`).
+    group: usize,
+    /// `--json`: `show` prints JSON.
+    json: bool,
+    /// `-d`: audit events are printed on stderr.
+    debug: bool,
+    services: Services,
+}
+
+impl Session<'_> {
+    /// `-c`: runs one line and returns the exit code.
+    fn run_one(&mut self, line: &str, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
+        let result = self.run_line(line);
+        let written = match &result {
+            Ok(reply) => self.emit(reply, out, err),
+            Err(f) => f.report(self.path, out, err),
+        };
+        match (written, result) {
+            (Err(e), _) => write_failure(&e),
+            (Ok(()), Ok(_)) => 0,
+            (Ok(()), Err(f)) => f.code(),
+        }
+    }
+
+    /// `-i`: banner, then prompt and run lines until `quit`, end of input or a fatal failure.
+    fn interactive(
+        &mut self,
+        input: &mut dyn BufRead,
+        out: &mut dyn Write,
+        err: &mut dyn Write,
+    ) -> u8 {
+        if let Err(e) = write!(out, "{}", format::banner(self.table, self.path)) {
+            return write_failure(&e);
+        }
+        let mut line = Vec::new();
+        loop {
+            if let Err(e) = write!(out, "{}", format::prompt(self.group)).and_then(|()| out.flush())
+            {
+                return write_failure(&e);
+            }
+            line.clear();
+            match input.read_until(b'\n', &mut line) {
+                Ok(0) => return writeln!(out).map_or_else(|e| write_failure(&e), |()| 0),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = writeln!(err, "balance: cannot read input: {e}");
+                    return EX_IOERR;
+                }
+            }
+            let result = self.run_line(&String::from_utf8_lossy(&line));
+            let written = match &result {
+                Ok(reply) => self.emit(reply, out, err),
+                Err(f) => f.report(self.path, out, err),
+            };
+            if let Err(e) = written.and_then(|()| out.flush()) {
+                return write_failure(&e);
+            }
+            match result {
+                Ok(reply) if reply.quit => return 0,
+                Err(f) if f.ends_session() => return f.code(),
+                _ => {}
+            }
+        }
+    }
+
+    /// Parses and runs one line, after checking the master is still there.
+    fn run_line(&mut self, line: &str) -> Result<Reply, Failure> {
+        let Some(cmd) = Command::parse(line)? else {
+            return Ok(Reply::text(""));
+        };
+        if cmd != Command::Quit
+            && !access::master_alive(self.file).map_err(|e| Failure::Table(e.into()))?
+        {
+            return Err(Failure::NoMaster);
+        }
+        self.execute(&cmd)
+    }
+
+    fn emit(&self, reply: &Reply, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<()> {
+        if let (Some(event), true) = (&reply.audit, self.debug) {
+            writeln!(err, "audit: {event}")?;
+        }
+        out.write_all(reply.text.as_bytes())
+    }
+}
+
+/// Exit code after stdout/stderr failed: a reader that went away is not an error.
+fn write_failure(e: &io::Error) -> u8 {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        0
+    } else {
+        EX_IOERR
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,472 @@
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use super::*;
+use crate::table::{GroupKind, InitialGroup, MAX_CHANNELS};
+
+/// A table in a temp file, plus a second open of it that holds the master's lock.
+struct Fixture {
+    path: PathBuf,
+    file: File,
+    table: Table,
+    /// Holds the exclusive lock, as the supervisor does; None once "the master died".
+    master: Option<File>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+fn fixture(tag: &str, groups: &[InitialGroup], writable: bool) -> Fixture {
+    let path =
+        std::env::temp_dir().join(format!("balance-control-test-{tag}-{}", std::process::id()));
+    let master = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("create table");
+    Table::initialise(&master, groups).expect("initialise");
+    assert!(crate::sys::try_flock(master.as_fd(), true).expect("flock"));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(&path)
+        .expect("reopen");
+    let table = Table::open(&file, writable).expect("map");
+    Fixture {
+        path,
+        file,
+        table,
+        master: Some(master),
+    }
+}
+
+fn three_channels(tag: &str, writable: bool) -> Fixture {
+    let groups = vec![InitialGroup {
+        kind: GroupKind::RoundRobin,
+        channels: vec![
+            (addr("127.0.0.1:21001"), 0),
+            (addr("127.0.0.1:21002"), 0),
+            (addr("127.0.0.1:21003"), 0),
+        ],
+    }];
+    fixture(tag, &groups, writable)
+}
+
+fn session(f: &Fixture) -> Session<'_> {
+    Session {
+        table: &f.table,
+        file: &f.file,
+        path: &f.path,
+        group: 0,
+        json: false,
+        debug: false,
+        services: Services::parse("smtp 25/tcp mail\nhttp 80/tcp www\n"),
+    }
+}
+
+/// Runs a line; returns stdout text, or the failure's stdout/stderr text and code.
+fn run(s: &mut Session<'_>, line: &str) -> Result<String, (String, u8)> {
+    match s.run_line(line) {
+        Ok(reply) => Ok(reply.text),
+        Err(f) => {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            f.report(s.path, &mut out, &mut err).expect("report");
+            out.extend(err);
+            Err((String::from_utf8(out).expect("utf8"), f.code()))
+        }
+    }
+}
+
+fn ok(s: &mut Session<'_>, line: &str) -> String {
+    run(s, line).unwrap_or_else(|e| panic!("{line}: {e:?}"))
+}
+
+fn rejected(s: &mut Session<'_>, line: &str) -> String {
+    match run(s, line) {
+        Err((text, 65)) => text,
+        other => panic!("{line}: expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn prefixes_follow_the_original_order() {
+    let p = |l: &str| Command::parse(l).expect(l).expect("not blank");
+    assert_eq!(p("q"), Command::Quit);
+    assert_eq!(p("s"), Command::Show { json: false });
+    assert_eq!(p("show json"), Command::Show { json: true });
+    assert_eq!(p("h"), Command::Help);
+    assert_eq!(p("?"), Command::Help);
+    assert_eq!(p("ha"), Command::Hash);
+    assert_eq!(p("k"), Command::Kill);
+    assert_eq!(p("d 1"), Command::Disable(1));
+    assert_eq!(p("g 3"), Command::Group(3));
+    assert_eq!(p("r 1"), Command::Reset(1));
+    assert_eq!(p("rr"), Command::RoundRobin);
+    assert_eq!(p("e 0"), Command::Enable(0));
+    assert_eq!(
+        p("m 1 5"),
+        Command::Maxc {
+            channel: 1,
+            maxc: 5
+        }
+    );
+    assert_eq!(
+        p("mrtg 0 1"),
+        Command::MrtgBytes {
+            group: 0,
+            channel: 1
+        }
+    );
+    assert_eq!(
+        p("mrtg-c 0 1"),
+        Command::MrtgConns {
+            group: 0,
+            channel: 1
+        }
+    );
+    assert_eq!(p("v"), Command::Version);
+    assert_eq!(p("  disable\t-1 \n"), Command::Disable(-1));
+    assert_eq!(Command::parse(" \t\n"), Ok(None));
+}
+
+#[test]
+fn bad_words_and_arguments_are_refused() {
+    let e = |l: &str| Command::parse(l).expect_err(l);
+    for line in [
+        "showx",
+        "SHOW",
+        "bogus",
+        "disable",
+        "disable x",
+        "disable 1 2",
+        "show all",
+    ] {
+        assert_eq!(e(line), ParseError::Syntax, "{line}");
+    }
+    assert_eq!(e("group abc"), ParseError::Syntax);
+    assert_eq!(e("group 256"), ParseError::OutOfRange);
+    assert_eq!(e("group 32"), ParseError::OutOfRange);
+    assert_eq!(e("group -1"), ParseError::OutOfRange);
+    assert_eq!(e("maxc 1 3000000000"), ParseError::OutOfRange);
+    assert_eq!(e("disable 99999999999999999999"), ParseError::OutOfRange);
+    assert_eq!(e("create host"), ParseError::Syntax);
+    assert_eq!(e("mrtg-bytes 0"), ParseError::Syntax);
+    assert_eq!(e("assign 1 host"), ParseError::Syntax);
+    assert_eq!(
+        Command::parse("create [::1]:80"),
+        Ok(Some(Command::Create {
+            host: "[::1]:80".into(),
+            port: None
+        }))
+    );
+}
+
+#[test]
+fn addresses_resolve_with_an_inline_port_winning() {
+    let services = Services::parse("smtp 25/tcp mail\n");
+    let r = |h: &str, p: Option<&str>| commands::resolve(h, p, &services);
+    assert_eq!(r("127.0.0.1", Some("80")), Some(addr("127.0.0.1:80")));
+    assert_eq!(r("127.0.0.1:81", Some("80")), Some(addr("127.0.0.1:81")));
+    assert_eq!(r("127.0.0.1", Some("smtp")), Some(addr("127.0.0.1:25")));
+    assert_eq!(r("[::1]:82", None), Some(addr("[::1]:82")));
+    assert_eq!(r("[::1]", Some("83")), Some(addr("[::1]:83")));
+    assert_eq!(r("::1", Some("84")), Some(addr("[::1]:84")));
+    assert_eq!(r("localhost", Some("85")), Some(addr("127.0.0.1:85")));
+    assert_eq!(r("127.0.0.1", Some("abc")), None);
+    assert_eq!(r("127.0.0.1", Some("0")), None);
+    assert_eq!(r("127.0.0.1", Some("70000")), None);
+    assert_eq!(r(":80", None), None);
+    assert_eq!(r("nosuchhost.invalid", Some("80")), None);
+}
+
+#[test]
+fn show_and_mrtg_keep_the_original_formats() {
+    let f = three_channels("show", true);
+    let ch = f.table.channel(0, 0).expect("channel");
+    ch.total.store(3, Ordering::Relaxed);
+    ch.sent.store(21, Ordering::Relaxed);
+    ch.received.store(30, Ordering::Relaxed);
+    ch.current.store(1, Ordering::Relaxed);
+    let mut s = session(&f);
+    assert_eq!(
+        ok(&mut s, "show"),
+        "GRP Type  #   S       ip-address  port    c      totalc maxc        sent        rcvd\n\
+         \x20 0   RR  0 ENA        127.0.0.1 21001    1           3    0          21          30\n\
+         \x20 0   RR  1 ENA        127.0.0.1 21002    0           0    0           0           0\n\
+         \x20 0   RR  2 ENA        127.0.0.1 21003    0           0    0           0           0\n"
+    );
+    assert_eq!(
+        ok(&mut s, "mrtg-bytes 0 0"),
+        "30\n21\nUNKNOWN\ngroup 0 channel 0\n"
+    );
+    assert_eq!(
+        ok(&mut s, "mrtg-conns 0 0"),
+        "3\nUNKNOWN\nUNKNOWN\ngroup 0 channel 0\n"
+    );
+    assert_eq!(rejected(&mut s, "mrtg-bytes 32 0"), "unknown group\n");
+    assert_eq!(rejected(&mut s, "mrtg-bytes -1 0"), "unknown group\n");
+    assert_eq!(rejected(&mut s, "mrtg-bytes 0 3"), "unknown channel\n");
+    assert_eq!(rejected(&mut s, "mrtg-conns 5 2"), "unknown channel\n");
+    assert_eq!(rejected(&mut s, "mrtg-bytes 0"), "syntax error\n");
+    assert_eq!(
+        ok(&mut s, "show json"),
+        "{\"supervisor_pid\":".to_string()
+            + &std::process::id().to_string()
+            + ",\"groups\":[{\"group\":0,\"type\":\"rr\",\"channels\":[\
+            {\"channel\":0,\"enabled\":true,\"address\":\"127.0.0.1\",\"port\":21001,\"current\":1,\"total\":3,\"maxc\":0,\"sent\":21,\"received\":30},\
+            {\"channel\":1,\"enabled\":true,\"address\":\"127.0.0.1\",\"port\":21002,\"current\":0,\"total\":0,\"maxc\":0,\"sent\":0,\"received\":0},\
+            {\"channel\":2,\"enabled\":true,\"address\":\"127.0.0.1\",\"port\":21003,\"current\":0,\"total\":0,\"maxc\":0,\"sent\":0,\"received\":0}]}]}\n"
+    );
+    s.json = true;
+    assert!(ok(&mut s, "show").starts_with("{\"supervisor_pid\":"));
+    assert_eq!(
+        ok(&mut s, "version"),
+        format!(
+            "  This is balance {}\n  MAXGROUPS=32\n  MAXCHANNELS=64\n",
+            crate::VERSION
+        )
+    );
+}
+
+#[test]
+fn show_widens_the_address_column_for_ipv6_only() {
+    let groups = vec![InitialGroup {
+        kind: GroupKind::Hash,
+        channels: vec![
+            (addr("10.0.0.1:80"), 0),
+            (addr("[2001:db8::1234:5678:9abc]:443"), 7),
+        ],
+    }];
+    let f = fixture("ipv6", &groups, true);
+    let text = ok(&mut session(&f), "show");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{text}");
+    assert!(lines[0].contains("   GRP".trim_start()));
+    assert!(lines[2].contains(" Hash  1 ENA 2001:db8::1234:5678:9abc   443    0           0    7"));
+    assert!(lines[1].contains("                10.0.0.1    80"));
+}
+
+#[test]
+fn enable_disable_maxc_reset_messages() {
+    let f = three_channels("enable", true);
+    let mut s = session(&f);
+    assert_eq!(ok(&mut s, "disable 1"), "channel 1 disabled\n");
+    assert_eq!(ok(&mut s, "disable 1"), "channel 1 already disabled\n");
+    assert_eq!(ok(&mut s, "enable 1"), "channel 1 enabled\n");
+    assert_eq!(ok(&mut s, "e 1"), "channel 1 already enabled\n");
+    assert_eq!(rejected(&mut s, "disable 5"), "no such channel 5\n");
+    assert_eq!(rejected(&mut s, "disable -1"), "no such channel -1\n");
+    assert_eq!(rejected(&mut s, "disable"), "syntax error\n");
+    assert_eq!(ok(&mut s, "maxc 1 5"), "maxc of channel 1 changed to 5\n");
+    assert_eq!(rejected(&mut s, "maxc 3 5"), "unknown channel\n");
+    assert_eq!(
+        f.table.snapshot().expect("snap").groups[0].channels[1].maxc,
+        5
+    );
+    let ch = f.table.channel(0, 2).expect("channel");
+    ch.total.store(9, Ordering::Relaxed);
+    ch.sent.store(8, Ordering::Relaxed);
+    ch.received.store(7, Ordering::Relaxed);
+    ch.current.store(2, Ordering::Relaxed);
+    let reply = s.run_line("r 2").expect("reset");
+    assert_eq!(reply.text, "channel 2 counters reset\n");
+    let event = reply.audit.expect("audit");
+    assert_eq!(
+        event.to_string(),
+        format!(
+            "uid {}: reset group 0 channel 2: totalc 9 sent 8 rcvd 7 -> 0",
+            nix::unistd::getuid()
+        )
+    );
+    assert_eq!(ch.total.load(Ordering::Relaxed), 0);
+    assert_eq!(ch.sent.load(Ordering::Relaxed), 0);
+    assert_eq!(ch.received.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        ch.current.load(Ordering::Relaxed),
+        2,
+        "open connections stay counted"
+    );
+    assert_eq!(rejected(&mut s, "reset 3"), "no such channel 3\n");
+}
+
+#[test]
+fn groups_create_assign_and_kind() {
+    let f = three_channels("create", true);
+    let mut s = session(&f);
+    assert_eq!(ok(&mut s, "group 1"), "");
+    assert_eq!(s.group, 1);
+    assert_eq!(rejected(&mut s, "group 32"), "value out of range\n");
+    assert_eq!(s.group, 1);
+    // A slot used before (stale values) comes back clean.
+    let stale = f.table.channel(1, 0).expect("channel");
+    stale.total.store(2, Ordering::Relaxed);
+    stale.maxc.store(7, Ordering::Relaxed);
+    let reply = s.run_line("create 127.0.0.1 21004").expect("create");
+    assert_eq!(reply.text, "channel created\n");
+    assert_eq!(reply.audit.expect("audit").channel, Some(0));
+    assert!(ok(&mut s, "show").ends_with(
+        "  1   RR  0 dis        127.0.0.1 21004    0           0    0           0           0\n"
+    ));
+    assert_eq!(
+        rejected(&mut s, "create nosuchhost.invalid 80"),
+        "invalid address\n"
+    );
+    assert_eq!(ok(&mut s, "ha"), "group 1 set to hash\n");
+    assert_eq!(ok(&mut s, "rr"), "group 1 set to round robin\n");
+    assert_eq!(ok(&mut s, "hash"), "group 1 set to hash\n");
+    assert_eq!(
+        f.table.snapshot().expect("snap").groups[1].kind,
+        GroupKind::Hash
+    );
+
+    s.group = 0;
+    assert_eq!(
+        rejected(&mut s, "assign 1 127.0.0.1 21004"),
+        "channel must be disabled to assign new address\n"
+    );
+    assert_eq!(
+        rejected(&mut s, "assign 9 127.0.0.1 21004"),
+        "unknown channel\n"
+    );
+    assert_eq!(
+        rejected(&mut s, "assign 0 nosuchhost.invalid 21004"),
+        "invalid address\n"
+    );
+    ok(&mut s, "disable 1");
+    assert_eq!(
+        rejected(&mut s, "assign 1 nosuchhost.invalid 21004"),
+        "invalid address\n"
+    );
+    assert_eq!(
+        f.table.snapshot().expect("snap").groups[0].channels[1].addr,
+        Some(addr("127.0.0.1:21002")),
+        "a failed assign changes nothing"
+    );
+    assert_eq!(ok(&mut s, "assign 1 [::1]:21005 9"), "channel reassigned\n");
+    assert_eq!(
+        f.table.snapshot().expect("snap").groups[0].channels[1].addr,
+        Some(addr("[::1]:21005"))
+    );
+}
+
+#[test]
+fn a_full_group_refuses_create() {
+    let groups = vec![InitialGroup {
+        kind: GroupKind::RoundRobin,
+        channels: vec![(addr("127.0.0.1:1"), 0); MAX_CHANNELS],
+    }];
+    let f = fixture("full", &groups, true);
+    assert_eq!(
+        rejected(&mut session(&f), "create 127.0.0.1 2"),
+        "no channel slots available\n"
+    );
+}
+
+#[test]
+fn read_only_access_can_look_but_not_change() {
+    let f = three_channels("readonly", false);
+    let mut s = session(&f);
+    assert!(ok(&mut s, "show").starts_with("GRP Type"));
+    assert!(ok(&mut s, "mrtg-bytes 0 0").ends_with("group 0 channel 0\n"));
+    assert_eq!(ok(&mut s, "group 2"), "");
+    for line in [
+        "disable 0",
+        "enable 0",
+        "maxc 0 1",
+        "reset 0",
+        "create 127.0.0.1 1",
+        "assign 0 127.0.0.1 1",
+        "hash",
+        "rr",
+        "kill",
+    ] {
+        let (text, code) = run(&mut s, line).expect_err(line);
+        assert_eq!(code, 77, "{line}");
+        assert!(
+            text.starts_with(&format!(
+                "balance: read-only access to {}: ",
+                f.path.display()
+            )),
+            "{text}"
+        );
+        assert!(text.contains("needs write permission"), "{text}");
+    }
+    assert_eq!(f.table.header().shutdown.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_table_without_master_ends_the_session() {
+    let mut f = three_channels("nomaster", true);
+    assert!(ok(&mut session(&f), "show").starts_with("GRP"));
+    f.master = None;
+    let mut s = session(&f);
+    assert_eq!(
+        run(&mut s, "show"),
+        Err(("no master process, exiting.\n".into(), 69))
+    );
+    assert_eq!(ok(&mut s, "quit"), "");
+}
+
+#[test]
+fn interactive_prompts_until_end_of_input() {
+    let f = three_channels("interactive", true);
+    let mut s = session(&f);
+    let mut input: &[u8] = b"group 2\nbogus\n\ndisable 0\n";
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(s.interactive(&mut input, &mut out, &mut err), 0);
+    let out = String::from_utf8(out).expect("utf8");
+    assert!(out.starts_with("\nbalance "), "{out}");
+    assert!(out.ends_with(
+        "balance[0] balance[2] syntax error\nbalance[2] balance[2] no such channel 0\nbalance[2] \n"
+    ), "{out}");
+    let mut input: &[u8] = b"quit\nshow\n";
+    let mut out = Vec::new();
+    assert_eq!(s.interactive(&mut input, &mut out, &mut err), 0);
+    assert!(String::from_utf8(out)
+        .expect("utf8")
+        .ends_with("balance[2] "));
+}
+
+#[test]
+fn one_command_exit_codes() {
+    let f = three_channels("exitcodes", true);
+    let mut s = session(&f);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(s.run_one("disable 0", &mut out, &mut err), 0);
+    assert_eq!(s.run_one("", &mut out, &mut err), 0);
+    assert_eq!(s.run_one("bogus", &mut out, &mut err), 65);
+    assert_eq!(s.run_one("disable 7", &mut out, &mut err), 65);
+    assert_eq!(
+        String::from_utf8(out).expect("utf8"),
+        "channel 0 disabled\nsyntax error\nno such channel 7\n"
+    );
+    s.debug = true;
+    let mut err = Vec::new();
+    assert_eq!(s.run_one("enable 0", &mut Vec::new(), &mut err), 0);
+    assert!(String::from_utf8(err)
+        .expect("utf8")
+        .ends_with(": enable group 0 channel 0: disabled -> enabled\n"));
+}
+
+#[test]
+fn show_repairs_a_writer_that_died_mid_update() {
+    let f = three_channels("repair", true);
+    let seq = f.table.seq();
+    f.table.header().seq.store(seq + 1, Ordering::Relaxed);
+    f.table.header().lock.store(0x4000_0000, Ordering::Relaxed);
+    assert!(ok(&mut session(&f), "show").starts_with("GRP"));
+    assert_eq!(f.table.seq() & 1, 0);
+}

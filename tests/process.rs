@@ -1,0 +1,327 @@
+//! Process life of the real binary: privilege separation as seen in /proc, daemon mode,
+//! start-up failures reported by the launch, pid file, SIGTERM, debug output.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn balance_ids() -> (u32, u32) {
+    let user = nix::unistd::User::from_name("balance")
+        .expect("getpwnam")
+        .expect("user balance exists (.ci/run creates it)");
+    (user.uid.as_raw(), user.gid.as_raw())
+}
+
+fn assert_unprivileged(pid: u32, uid: u32, gid: u32) {
+    let ids = |f| status_field(pid, f).unwrap_or_default();
+    assert_eq!(
+        ids("Uid"),
+        format!("{uid}\t{uid}\t{uid}\t{uid}"),
+        "pid {pid}"
+    );
+    assert_eq!(
+        ids("Gid"),
+        format!("{gid}\t{gid}\t{gid}\t{gid}"),
+        "pid {pid}"
+    );
+    assert_eq!(
+        ids("Groups"),
+        gid.to_string(),
+        "pid {pid} supplementary groups"
+    );
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(ids(cap), "0000000000000000", "pid {pid} {cap}");
+    }
+}
+
+/// A port below 1024 that nothing uses right now.
+fn free_privileged_port() -> u16 {
+    (900..1000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free privileged port")
+}
+
+#[test]
+fn supervisor_and_workers_run_unprivileged_on_a_privileged_port() {
+    if !require_root() {
+        return;
+    }
+    let (uid, gid) = balance_ids();
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start_with(Start {
+        operands: &[backend.operand()],
+        workers: 3,
+        port: Some(free_privileged_port()),
+        ..Start::default()
+    });
+    assert_unprivileged(b.pid, uid, gid);
+    // Not dumpable: its /proc files belong to root although the process runs as balance.
+    let meta = std::fs::metadata(format!("/proc/{}/status", b.pid)).expect("proc status");
+    assert_eq!(meta.uid(), 0, "supervisor is not dumpable");
+    let workers = b.workers();
+    assert_eq!(workers.len(), 3);
+    for w in &workers {
+        assert_unprivileged(*w, uid, gid);
+        assert_eq!(
+            proc_state(*w).map(|s| s.1),
+            Some(b.pid),
+            "worker is the supervisor's child"
+        );
+        assert_eq!(status_field(*w, "NoNewPrivs").as_deref(), Some("1"));
+    }
+    assert_eq!(greeting(b.addr()), "B1");
+    // Run directory and table: who may do what is in the permissions.
+    let dir = std::fs::metadata(&b.run_dir).expect("run dir");
+    assert_eq!(
+        (dir.uid(), dir.gid(), dir.permissions().mode() & 0o7777),
+        (uid, gid, 0o750)
+    );
+    let table = std::fs::symlink_metadata(b.table_path()).expect("table");
+    assert!(table.file_type().is_file());
+    assert_eq!(
+        (
+            table.uid(),
+            table.gid(),
+            table.permissions().mode() & 0o7777
+        ),
+        (0, gid, 0o640)
+    );
+}
+
+#[test]
+fn unknown_user_is_refused_with_exit_67() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("nouser");
+    let out = Command::new(BIN)
+        .args(["-f", "--user", "no-such-user-here", "--run-dir"])
+        .arg(dir.join("run"))
+        .args(["-b", "127.0.0.1", &free_port().to_string(), "127.0.0.1:1"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(67));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-such-user-here") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("run").exists(),
+        "nothing created before the check"
+    );
+}
+
+#[test]
+fn non_root_start_runs_unprivileged_with_a_warning() {
+    if !require_root() {
+        return;
+    }
+    // The build directory may not be reachable by other users: run a copy.
+    let dir = temp_dir("nonroot");
+    let bin = dir.join("balance");
+    std::fs::copy(BIN, &bin).expect("copy binary");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let port = free_port();
+    let child = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(&bin)
+        .args(["-f", "--workers", "1", "--run-dir"])
+        .arg(dir.join("run"))
+        .args(["-b", "127.0.0.1", &port.to_string(), &backend.operand()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn as nobody");
+    let pid = child.id();
+    let table = dir.join("run").join(format!("balance.{port}.127.0.0.1"));
+    let up = wait_until(Duration::from_secs(10), || {
+        table.exists() && worker_pids(pid).len() == 1
+    });
+    let served = up && greeting(([127, 0, 0, 1], port).into()) == "B1";
+    let nobody = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw());
+    let uid_line = status_field(pid, "Uid");
+    signal(pid, nix::sys::signal::Signal::SIGTERM);
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(served, "served traffic as nobody; stderr: {err}");
+    let n = nobody.expect("nobody exists");
+    assert_eq!(uid_line, Some(format!("{n}\t{n}\t{n}\t{n}")));
+    assert!(err.contains("not started as root"), "{err}");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn daemon_detaches_and_sigterm_cleans_up() {
+    if !require_root() {
+        return;
+    }
+    let (uid, gid) = balance_ids();
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let dir = temp_dir("daemon");
+    let run = dir.join("run");
+    let pidfile = dir.join("balance.pid");
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["--workers", "2", "--run-dir"])
+        .arg(&run)
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .args(["-b", "127.0.0.1", &port.to_string(), &backend.operand()])
+        .stdin(Stdio::null())
+        .output()
+        .expect("launch");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let stop = Stopper(pid);
+    assert_unprivileged(pid, uid, gid);
+    // New session, stdio on /dev/null: nothing we print can reach a client.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').expect(")") + 2..]
+        .split_whitespace()
+        .collect();
+    assert_eq!(fields[3], pid.to_string(), "session id is the daemon's pid");
+    for fd in 0..3 {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("fd link");
+        assert_eq!(target, std::path::Path::new("/dev/null"), "fd {fd}");
+    }
+    assert_eq!(greeting(([127, 0, 0, 1], port).into()), "B1");
+    let workers = worker_pids(pid);
+    assert_eq!(workers.len(), 2);
+    let table = run.join(format!("balance.{port}.127.0.0.1"));
+    assert!(table.exists());
+    signal(pid, nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(10), || is_dead(pid)),
+        "daemon exits on SIGTERM"
+    );
+    assert!(workers.iter().all(|w| is_dead(*w)), "workers end with it");
+    assert!(!table.exists(), "table file removed");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "no longer listening"
+    );
+    drop(stop);
+}
+
+/// Kills a daemon by pid if a test fails before stopping it.
+struct Stopper(u32);
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        if !is_dead(self.0) {
+            signal(self.0, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn launch_reports_start_up_failures() {
+    if !require_root() {
+        return;
+    }
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port().to_string();
+    let dir = temp_dir("fail");
+    for foreground in [false, true] {
+        let mut cmd = Command::new(BIN);
+        if foreground {
+            cmd.arg("-f");
+        }
+        let out = cmd
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .args(["-b", "127.0.0.1", &port, "127.0.0.1:1"])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(71), "foreground={foreground}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("bind(): Address already in use"), "{err}");
+        let out = Command::new(BIN)
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .args(if foreground { &["-f"][..] } else { &[][..] })
+            .args([
+                "-b",
+                "127.0.0.1",
+                &free_port().to_string(),
+                "nosuchhost.invalid",
+            ])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(65), "foreground={foreground}");
+        assert!(String::from_utf8_lossy(&out.stderr)
+            .contains("unknown or invalid address [nosuchhost.invalid]"));
+    }
+    let out = Command::new(BIN)
+        .args(["-b", "nosuchhost.invalid", "8000", "127.0.0.1:1"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(71));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error at getaddrinfo"));
+}
+
+#[test]
+fn debug_lines_on_stderr() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&["-d"], &[backend.operand(), refused_operand()]);
+    assert_eq!(greeting(b.addr()), "B1");
+    assert_eq!(
+        greeting(b.addr()),
+        "B1",
+        "refused channel 1 fails over to channel 0"
+    );
+    let want = [
+        format!("source port {}", b.port),
+        "the following channels are active:".to_string(),
+        format!("  0  0 {}:0", backend.operand()),
+        "connect from 127.0.0.1:".to_string(),
+        "trying group 0 channel 1".to_string(),
+        "connect to group 0 channel 0 successful".to_string(),
+    ];
+    assert!(
+        wait_until(Duration::from_secs(5), || want
+            .iter()
+            .all(|w| b.stderr().contains(w.as_str()))),
+        "stderr:\n{}",
+        b.stderr()
+    );
+}
+
+#[test]
+fn sigterm_in_the_foreground_removes_the_table_and_exits_zero() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let mut b = Balance::start(&[], &[backend.operand()]);
+    let workers = b.workers();
+    let table = b.table_path();
+    let status = b.terminate().expect("exit status");
+    assert_eq!(status.code(), Some(0));
+    assert!(!table.exists());
+    assert!(wait_until(Duration::from_secs(5), || workers
+        .iter()
+        .all(|w| is_dead(*w))));
+}

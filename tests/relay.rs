@@ -1,0 +1,244 @@
+//! The relay through the real binary: integrity in both directions, half-close, idle
+//! timeout, socket options, counters, and the `-p` dump.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: usize = 1024 * 1024;
+
+/// A deterministic byte stream (xorshift) so both ends can check it without storing it.
+struct Stream(u64);
+
+impl Stream {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            *b = self.0 as u8;
+        }
+    }
+}
+
+fn fnv(hash: &mut u64, data: &[u8]) {
+    for &b in data {
+        *hash ^= u64::from(b);
+        *hash = hash.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+#[test]
+fn sixty_four_mib_each_way_arrive_intact() {
+    if !require_root() {
+        return;
+    }
+    let echo = Backend::start("E", Behaviour::Echo);
+    let b = Balance::start(&[], &[echo.operand()]);
+    let conn = TcpStream::connect(b.addr()).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut writer = conn.try_clone().expect("clone");
+    let total = 64 * MIB;
+    // Upload and download at the same time: a relay that serves one side first would stall.
+    let upload = std::thread::spawn(move || {
+        let mut gen = Stream(0x9e37_79b9_7f4a_7c15);
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            let n = buf.len().min(total - sent);
+            gen.fill(&mut buf[..n]);
+            fnv(&mut hash, &buf[..n]);
+            writer.write_all(&buf[..n]).expect("upload");
+            sent += n;
+        }
+        writer.shutdown(Shutdown::Write).expect("half-close");
+        hash
+    });
+    let mut reader = conn;
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut got = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = reader.read(&mut buf).expect("download");
+        if n == 0 {
+            break;
+        }
+        fnv(&mut hash, &buf[..n]);
+        got += n;
+    }
+    let sent_hash = upload.join().expect("upload thread");
+    assert_eq!(got, total, "bytes back");
+    assert_eq!(hash, sent_hash, "checksum of the echoed stream");
+    let path = b.table_path();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            counters(&path, 0, 0) == (0, 1, total as u64, total as u64)
+        }),
+        "counters {:?}",
+        counters(&path, 0, 0)
+    );
+}
+
+#[test]
+fn half_close_still_gets_the_reply() {
+    if !require_root() {
+        return;
+    }
+    // The original closed both sides on the client's EOF (reference §11.30).
+    let backend = Backend::start("B6", Behaviour::ReadAllThenReply);
+    let b = Balance::start(&[], &[backend.operand()]);
+    let mut conn = TcpStream::connect(b.addr()).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(b"abcdef").expect("send");
+    conn.shutdown(Shutdown::Write).expect("shutdown");
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).expect("reply");
+    assert_eq!(reply, "B6 got 6 bytes\n");
+    let path = b.table_path();
+    assert!(wait_until(Duration::from_secs(5), || {
+        counters(&path, 0, 0) == (0, 1, 6, reply.len() as u64)
+    }));
+}
+
+#[test]
+fn idle_timeout_closes_quiet_connections_only() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&["-T", "1"], &[backend.operand()]);
+    // Busy: a byte every 400 ms for 2 s keeps the connection alive.
+    let mut busy = TcpStream::connect(b.addr()).expect("connect");
+    busy.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    assert_eq!(busy.read(&mut buf).expect("greeting"), 3);
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(400));
+        busy.write_all(b"x").expect("still open");
+        assert_eq!(busy.read(&mut buf).expect("echo"), 1);
+    }
+    // Idle: closed after about a second.
+    let start = Instant::now();
+    let n = busy.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed by the idle timeout");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(3),
+        "waited {waited:?}"
+    );
+}
+
+#[test]
+fn no_idle_timeout_with_t_zero() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&["-T", "0"], &[backend.operand()]);
+    let (mut conn, tag) = hold(b.addr());
+    assert_eq!(tag, "B1");
+    std::thread::sleep(Duration::from_millis(2500));
+    conn.write_all(b"y").expect("still open");
+    let mut buf = [0u8; 1];
+    conn.read_exact(&mut buf).expect("echo after 2.5 s idle");
+    assert_eq!(&buf, b"y");
+}
+
+/// Duplicates descriptor `fd` of process `pid` into this process (root may do this).
+fn steal_fd(pid: u32, fd: i32) -> Option<OwnedFd> {
+    // SAFETY: plain syscalls with integer arguments; the returned descriptors are new and
+    // owned by nobody else, so wrapping them in OwnedFd is sound.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0);
+        if pidfd < 0 {
+            return None;
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        (got >= 0).then(|| OwnedFd::from_raw_fd(got as i32))
+    }
+}
+
+#[test]
+fn relayed_sockets_have_nodelay_and_keepalive() {
+    if !require_root() {
+        return;
+    }
+    use nix::sys::socket::{getpeername, getsockopt, sockopt, SockaddrStorage};
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[backend.operand()]);
+    let (client, tag) = hold(b.addr());
+    assert_eq!(tag, "B1");
+    let client_port = client.local_addr().expect("addr").port();
+    let mut seen = Vec::new();
+    for worker in b.workers() {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{worker}/fd")) else {
+            continue;
+        };
+        for entry in fds.flatten() {
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Some(sock) = steal_fd(worker, fd) else {
+                continue;
+            };
+            let Ok(peer) = getpeername::<SockaddrStorage>(sock.as_raw_fd()) else {
+                continue;
+            };
+            let Some(peer) = peer.as_sockaddr_in() else {
+                continue;
+            };
+            if peer.port() == client_port || peer.port() == backend.port() {
+                let nodelay = getsockopt(&sock, sockopt::TcpNoDelay).expect("nodelay");
+                let keepalive = getsockopt(&sock, sockopt::KeepAlive).expect("keepalive");
+                seen.push((peer.port(), nodelay, keepalive));
+            }
+        }
+    }
+    seen.sort_unstable();
+    let mut expected = vec![(client_port, true, true), (backend.port(), true, true)];
+    expected.sort_unstable();
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn packet_dump_in_the_originals_format() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start_with(Start {
+        flags: &["-p"],
+        operands: &[backend.operand()],
+        workers: 1,
+        ..Start::default()
+    });
+    let (mut conn, tag) = hold(b.addr());
+    assert_eq!(tag, "B1");
+    conn.write_all(b"hello\tworld\\ \x01\xff\x7f~\r\nline2\n")
+        .expect("send");
+    let mut echo = [0u8; 25];
+    conn.read_exact(&mut echo).expect("echo");
+    conn.shutdown(Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    let expected = "-< 3\nB1\\0A\n\n-> 25\nhello\\09world\\\\ \\01\\FF\\7F~\\0D\\0A\nline2\\0A\n\n-< 25\nhello\\09world\\\\ \\01\\FF\\7F~\\0D\\0A\nline2\\0A\n\n-> 0\n\n";
+    assert!(
+        wait_until(Duration::from_secs(5), || b.stdout().starts_with(expected)),
+        "stdout:\n{}",
+        b.stdout()
+    );
+}

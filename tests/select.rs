@@ -1,0 +1,273 @@
+//! Channel selection through the real binary: round robin, maxc across workers, hash groups,
+//! failover, connect timeout, autodisable, source address, IPv6 backends.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn tags(b: &Balance, n: usize) -> Vec<String> {
+    (0..n).map(|_| greeting(b.addr())).collect()
+}
+
+#[test]
+fn round_robin_in_order() {
+    if !require_root() {
+        return;
+    }
+    let backends: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(&format!("B{i}"), Behaviour::TagEcho))
+        .collect();
+    let ops: Vec<String> = backends.iter().map(Backend::operand).collect();
+    let b = Balance::start(&[], &ops);
+    assert_eq!(tags(&b, 7), ["B1", "B2", "B3", "B1", "B2", "B3", "B1"]);
+}
+
+#[test]
+fn round_robin_skips_disabled_and_failed_channels() {
+    if !require_root() {
+        return;
+    }
+    // [B1, dead, B2]: the dead channel fails over to B2 at once, as in the original.
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let b2 = Backend::start("B2", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[b1.operand(), refused_operand(), b2.operand()]);
+    let start = Instant::now();
+    assert_eq!(tags(&b, 4), ["B1", "B2", "B1", "B2"]);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "refused must fail over at once"
+    );
+    let (cur, total, _, _) = counters(&b.table_path(), 0, 1);
+    assert_eq!((cur, total), (0, 0), "failed attempts leave nothing behind");
+}
+
+#[test]
+fn maxc_is_enforced_across_workers() {
+    if !require_root() {
+        return;
+    }
+    // [B1:1, B2:1] ! [B3]: with two workers, held connections still respect maxc globally.
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let b2 = Backend::start("B2", Behaviour::TagEcho);
+    let b3 = Backend::start("B3", Behaviour::TagEcho);
+    let b = Balance::start(
+        &[],
+        &[
+            format!("{}:1", b1.operand()),
+            format!("{}:1", b2.operand()),
+            "!".into(),
+            b3.operand(),
+        ],
+    );
+    let held: Vec<_> = (0..4).map(|_| hold(b.addr())).collect();
+    let mut got: Vec<&str> = held.iter().map(|(_, t)| t.as_str()).collect();
+    got.sort_unstable();
+    assert_eq!(got, ["B1", "B2", "B3", "B3"]);
+    assert_eq!(counters(&b.table_path(), 0, 0).0, 1);
+    assert_eq!(counters(&b.table_path(), 0, 1).0, 1);
+    assert_eq!(counters(&b.table_path(), 1, 0).0, 2);
+    drop(held);
+    let path = b.table_path();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            (0..2).all(|c| counters(&path, 0, c).0 == 0) && counters(&path, 1, 0).0 == 0
+        }),
+        "current counts return to zero"
+    );
+    // Freed slots are used again.
+    let again: Vec<_> = (0..2).map(|_| hold(b.addr())).collect();
+    let mut got: Vec<&str> = again.iter().map(|(_, t)| t.as_str()).collect();
+    got.sort_unstable();
+    assert_eq!(got, ["B1", "B2"]);
+}
+
+#[test]
+fn hash_group_keeps_each_client_on_its_channel() {
+    if !require_root() {
+        return;
+    }
+    let backends: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(&format!("B{i}"), Behaviour::TagEcho))
+        .collect();
+    let mut ops: Vec<String> = backends.iter().map(Backend::operand).collect();
+    ops.push("%".into());
+    let b = Balance::start(&[], &ops);
+    // Expected channel = the original's dual-stack hash mod 3 (reference §3.3).
+    let cases = [
+        ("127.0.0.1", 2),
+        ("127.0.0.2", 1),
+        ("127.0.0.3", 0),
+        ("127.0.0.4", 2),
+        ("127.0.0.5", 1),
+        ("127.1.2.3", 1),
+    ];
+    for (client, channel) in cases {
+        let ip: IpAddr = client.parse().expect("ip");
+        for _ in 0..3 {
+            assert_eq!(
+                greeting_from(ip, b.addr()),
+                format!("B{}", channel + 1),
+                "client {client}"
+            );
+        }
+    }
+}
+
+#[test]
+fn hash_group_hashes_ipv6_clients_too() {
+    if !require_root() {
+        return;
+    }
+    let backends: Vec<Backend> = (1..=4)
+        .map(|i| Backend::start(&format!("B{i}"), Behaviour::TagEcho))
+        .collect();
+    let mut ops: Vec<String> = backends.iter().map(Backend::operand).collect();
+    ops.push("%".into());
+    let b = Balance::start_with(Start {
+        operands: &ops,
+        bind: "::1",
+        ..Start::default()
+    });
+    // ::1 hashes to 4001564289: channel 1 of 4 (reference §3.3).
+    for _ in 0..3 {
+        assert_eq!(greeting(b.addr()), "B2");
+    }
+}
+
+#[test]
+fn hash_without_failover_moves_to_the_next_group_and_with_h_stays() {
+    if !require_root() {
+        return;
+    }
+    // 127.0.0.1 hashes to channel 2 of 3 here: make that one refuse.
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let b2 = Backend::start("B2", Behaviour::TagEcho);
+    let b4 = Backend::start("B4", Behaviour::TagEcho);
+    let ops = vec![
+        b1.operand(),
+        b2.operand(),
+        refused_operand(),
+        "%".into(),
+        b4.operand(),
+    ];
+    let plain = Balance::start(&[], &ops);
+    assert_eq!(greeting(plain.addr()), "B4");
+    drop(plain);
+    let failover = Balance::start(&["-H"], &ops);
+    // -H: the rest of the hash group in order, wrapping: channel 0.
+    assert_eq!(greeting(failover.addr()), "B1");
+}
+
+#[test]
+fn fall_through_skips_disabled_channels_of_later_groups() {
+    if !require_root() {
+        return;
+    }
+    // The original used a disabled channel of a fallback group (reference §11.23).
+    let b2 = Backend::start("B2", Behaviour::TagEcho);
+    let b3 = Backend::start("B3", Behaviour::TagEcho);
+    let b = Balance::start(
+        &[],
+        &[refused_operand(), "!".into(), b2.operand(), b3.operand()],
+    );
+    let path = b.table_path();
+    {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open table rw");
+        let t = balance::table::Table::open(&file, true).expect("map");
+        t.update(|w| w.set_enabled(1, 0, false)).expect("disable");
+    }
+    assert_eq!(tags(&b, 3), ["B3", "B3", "B3"]);
+    assert_eq!(b2.accepted(), 0);
+}
+
+#[test]
+fn connect_timeout_fails_over_after_t_seconds() {
+    if !require_root() {
+        return;
+    }
+    let hole = Blackhole::start();
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&["-t", "1"], &[hole.operand(), b1.operand()]);
+    let start = Instant::now();
+    assert_eq!(greeting(b.addr()), "B1");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "waited {waited:?}"
+    );
+}
+
+#[test]
+fn all_channels_failing_closes_the_client() {
+    if !require_root() {
+        return;
+    }
+    let b = Balance::start(
+        &["-t", "1"],
+        &[refused_operand(), "!".into(), refused_operand()],
+    );
+    let start = Instant::now();
+    assert_eq!(greeting(b.addr()), "", "closed without data");
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn autodisable_marks_a_failed_channel_disabled() {
+    if !require_root() {
+        return;
+    }
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let b2 = Backend::start("B2", Behaviour::TagEcho);
+    let b = Balance::start(&["-a"], &[b1.operand(), refused_operand(), b2.operand()]);
+    assert_eq!(tags(&b, 2), ["B1", "B2"]);
+    let path = b.table_path();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let (_f, t) = table(&path);
+            t.snapshot()
+                .is_some_and(|s| !s.groups[0].channels[1].enabled)
+        }),
+        "channel 1 disabled in the table"
+    );
+    // From now on the disabled channel is skipped: strict alternation of the live ones.
+    assert_eq!(tags(&b, 4), ["B1", "B2", "B1", "B2"]);
+    assert!(
+        wait_until(Duration::from_secs(2), || b
+            .stderr()
+            .contains("disabled after a failed connect")),
+        "stderr: {}",
+        b.stderr()
+    );
+}
+
+#[test]
+fn source_address_is_used_for_backend_connections() {
+    if !require_root() {
+        return;
+    }
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&["-B", "127.0.0.2"], &[b1.operand()]);
+    assert_eq!(greeting(b.addr()), "B1");
+    let peers = b1.peers();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].ip(), "127.0.0.2".parse::<IpAddr>().expect("ip"));
+}
+
+#[test]
+fn ipv6_backends_are_reached() {
+    if !require_root() {
+        return;
+    }
+    let v6 = Backend::start_on("[::1]:0", "V6", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[v6.operand()]);
+    assert_eq!(greeting(b.addr()), "V6");
+    let (_, total, _, _) = counters(&b.table_path(), 0, 0);
+    assert_eq!(total, 1);
+}
