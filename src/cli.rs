@@ -37,7 +37,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: u64 = 5;
 const DEFAULT_RUN_DIR: &str = "/run/balance";
 const DEFAULT_USER: &str = "balance";
 const DEFAULT_CONTROL_GROUP: &str = "balance";
-use crate::table::MAX_WORKERS;
+use crate::table::MAX_POOL as MAX_WORKERS;
 const SYSTEM_SERVICES: &str = "/etc/services";
 
 use crate::exitcode::{EX_DATAERR, EX_UNAVAILABLE, EX_USAGE};
@@ -146,7 +146,7 @@ pub struct ProxyArgs {
     pub groups: Vec<GroupSpec>,
     /// `--user NAME`: unprivileged user the workers run as.
     pub user: String,
-    /// `--workers N` (1..=64); `None` means one per CPU, decided by the caller.
+    /// `--workers N` (1..=32); `None` means one per CPU, decided by the caller.
     pub workers: Option<usize>,
     /// `--pidfile PATH`.
     pub pidfile: Option<PathBuf>,
@@ -412,7 +412,7 @@ const OPTIONS: &[OptSpec] = &[
     short(Opt::IdleTimeout, "T", Some("SEC"), "Drop connections idle for SEC seconds, 0: never [default: 0]"),
     short(Opt::Ipv6, "6", None, "Listen on IPv6, dual stack (IPv4 clients are accepted too)"),
     long(Opt::User, "user", Some("NAME"), "Run the workers as user NAME [default: balance]"),
-    long(Opt::Workers, "workers", Some("N"), "Number of workers, 1 to 64 [default: one per CPU]"),
+    long(Opt::Workers, "workers", Some("N"), "Number of workers, 1 to 32 [default: one per CPU]"),
     long(Opt::Pidfile, "pidfile", Some("PATH"), "Write the supervisor's process id to PATH"),
     long(Opt::RunDir, "run-dir", Some("DIR"), "Directory of the table files [default: /run/balance]"),
     long(Opt::ControlGroup, "control-group", Some("NAME"), "Group allowed to use the shell [default: balance]"),
@@ -1308,7 +1308,7 @@ http 80/tcp www
         let p = proxy(&[
             "--user=nobody",
             "--workers",
-            "64",
+            "32",
             "--pidfile",
             "/run/b.pid",
             "--run-dir=/var/run/b",
@@ -1319,7 +1319,7 @@ http 80/tcp www
             "80",
         ]);
         assert_eq!(p.user, "nobody");
-        assert_eq!(p.workers, Some(64));
+        assert_eq!(p.workers, Some(32));
         assert_eq!(p.pidfile, Some(PathBuf::from("/run/b.pid")));
         assert_eq!(p.common.run_dir, PathBuf::from("/var/run/b"));
         assert_eq!(p.control_group, "wheel");
@@ -1330,10 +1330,10 @@ http 80/tcp www
 
     #[test]
     fn long_option_values_are_checked() {
-        for bad in ["0", "65", "-1", "x", ""] {
+        for bad in ["0", "33", "-1", "x", ""] {
             assert_usage(
                 &["--workers", bad, "80"],
-                &format!("invalid --workers value '{bad}': need a number from 1 to 64"),
+                &format!("invalid --workers value '{bad}': need a number from 1 to 32"),
             );
         }
         assert_usage(&["--user", "", "80"], "--user needs a non-empty value");

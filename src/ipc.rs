@@ -22,8 +22,8 @@ pub const MAX_FDS: usize = 8;
 /// socket(s) first, the table last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerConfig {
-    /// Slot of this worker in the table's per-worker rows.
-    pub slot: u32,
+    /// This worker's row in the table's per-worker counts (unique among live workers).
+    pub row: u32,
     pub listeners: u32,
     pub connect_timeout_secs: u64,
     pub idle_timeout_secs: Option<u64>,
@@ -40,6 +40,8 @@ pub enum Message {
     // supervisor → worker
     /// Carries the listeners and the table as descriptors.
     Start(WorkerConfig),
+    /// Stop accepting, finish the connections in progress, then exit (a replacement runs).
+    Drain,
 
     // worker → supervisor
     /// The worker is locked down and accepting.

@@ -37,6 +37,11 @@ impl Logger {
         self.stderr = false;
     }
 
+    /// Drops the syslog connection; the next message opens a new one.
+    pub fn reconnect(&mut self) {
+        self.conn = None;
+    }
+
     fn connect(&mut self) -> Option<&mut SysLogger<LoggerBackend, Formatter3164>> {
         if self.conn.is_none() {
             let formatter = Formatter3164 {

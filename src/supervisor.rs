@@ -16,34 +16,26 @@
 //! The supervisor never touches client bytes.
 
 mod bootstrap;
+mod pool;
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::net::UnixDatagram;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::time::Instant;
 
 use crate::cli::ProxyArgs;
 use crate::exitcode::{EX_OSERR, EX_SOFTWARE};
-use crate::ipc::{self, IpcError, Message, Priority, WorkerConfig};
+use crate::ipc::{Priority, WorkerConfig};
 use crate::log::Logger;
-use crate::table::{MAX_GROUPS, MAX_WORKERS};
+use crate::table::MAX_POOL;
 
 pub use bootstrap::{lookup_host, Fatal};
 
-/// A worker that dies sooner than this after its start counts against the crash budget.
-const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
-/// Consecutive early deaths after which a worker slot is given up.
-const CRASH_BUDGET: u32 = 5;
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long start-up waits for every worker to report ready.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long shutdown waits for workers to exit before killing them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the supervisor looks at the table's `shutdown` flag.
@@ -74,10 +66,8 @@ struct Supervisor {
     detached: bool,
     logger: RefCell<Logger>,
     stopping: Cell<bool>,
-    /// Worker pid per slot, while one runs.
-    pids: RefCell<Vec<Option<u32>>>,
-    /// Slots given up after exhausting the crash budget.
-    dead_slots: Cell<usize>,
+    pool: pool::Pool,
+    /// Wakes slot tasks out of their restart backoff at shutdown.
     wake: tokio::sync::Notify,
 }
 
@@ -126,10 +116,10 @@ fn supervise(
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .clamp(1, MAX_WORKERS);
+        .clamp(1, MAX_POOL);
     let sup = Rc::new(Supervisor {
         template: WorkerConfig {
-            slot: 0,
+            row: 0,
             listeners: boot.listeners.len() as u32,
             connect_timeout_secs: args.connect_timeout,
             idle_timeout_secs: args.idle_timeout,
@@ -144,8 +134,7 @@ fn supervise(
         boot,
         logger: RefCell::new(logger),
         stopping: Cell::new(false),
-        pids: RefCell::new(vec![None; workers]),
-        dead_slots: Cell::new(0),
+        pool: pool::Pool::new(workers),
         wake: tokio::sync::Notify::new(),
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -159,7 +148,7 @@ fn supervise(
         for slot in 0..workers {
             let (tx, rx) = tokio::sync::oneshot::channel();
             ready.push(rx);
-            slots.push(tokio::task::spawn_local(run_slot(
+            slots.push(tokio::task::spawn_local(pool::run_slot(
                 Rc::clone(&sup),
                 slot,
                 tx,
@@ -202,7 +191,7 @@ fn supervise(
         if let Some(path) = &args.pidfile {
             let _ = std::fs::remove_file(path);
         }
-        if sup.dead_slots.get() >= workers {
+        if sup.pool.dead_slots.get() >= workers {
             return Err(Fatal::new(
                 EX_SOFTWARE,
                 "balance: no worker could run".to_string(),
@@ -213,10 +202,12 @@ fn supervise(
 }
 
 /// Waits for SIGTERM, SIGINT, a `kill` through the table, or every slot having given up.
-async fn wait_for_stop(sup: &Supervisor) -> &'static str {
-    let (Ok(mut term), Ok(mut int)) = (
+/// SIGHUP (reload) replaces the workers one by one and reconnects the log.
+async fn wait_for_stop(sup: &Rc<Supervisor>) -> &'static str {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         return "cannot install signal handlers";
     };
@@ -225,13 +216,18 @@ async fn wait_for_stop(sup: &Supervisor) -> &'static str {
         tokio::select! {
             _ = term.recv() => return "SIGTERM",
             _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => {
+                sup.log(Priority::Notice, "reload (SIGHUP): replacing workers".to_string());
+                sup.logger.borrow_mut().reconnect();
+                tokio::task::spawn_local(pool::replace_all(Rc::clone(sup)));
+            }
             _ = poll.tick() => {
                 if sup.boot.table.header().shutdown.load(Ordering::Acquire) != 0 {
                     return "kill command";
                 }
             }
-            () = sup.wake.notified() => {
-                if sup.dead_slots.get() >= sup.pids.borrow().len() {
+            () = sup.pool.changed.notified() => {
+                if sup.pool.dead_slots.get() >= sup.pool.size {
                     return "no worker could run";
                 }
             }
@@ -239,230 +235,67 @@ async fn wait_for_stop(sup: &Supervisor) -> &'static str {
     }
 }
 
+/// Ends every worker (draining ones too): SIGTERM, then SIGKILL after the stop timeout.
 async fn stop_workers(sup: &Supervisor, slots: Vec<tokio::task::JoinHandle<()>>) {
     sup.stopping.set(true);
     sup.wake.notify_waiters();
-    signal_workers(sup, nix::sys::signal::Signal::SIGTERM);
-    let all = futures_join(slots);
-    if tokio::time::timeout(STOP_TIMEOUT, all).await.is_err() {
-        signal_workers(sup, nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
-async fn futures_join(slots: Vec<tokio::task::JoinHandle<()>>) {
-    for s in slots {
-        let _ = s.await;
-    }
-}
-
-/// Signals our own, not yet reaped children (their pids cannot have been reused).
-fn signal_workers(sup: &Supervisor, sig: nix::sys::signal::Signal) {
-    for pid in sup.pids.borrow().iter().flatten() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), sig);
-    }
-}
-
-/// Keeps one worker slot filled: spawn, serve its messages, reap, restart with backoff.
-async fn run_slot(
-    sup: Rc<Supervisor>,
-    slot: usize,
-    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
-) {
-    let mut ready = Some(ready);
-    let mut backoff = FIRST_BACKOFF;
-    let mut early_deaths = 0;
-    while !sup.stopping.get() {
-        let started = Instant::now();
-        match spawn_worker(&sup, slot).await {
-            Ok((child, channel)) => {
-                let status = serve_worker(&sup, slot, child, &channel, &mut ready).await;
-                sup.pids.borrow_mut()[slot] = None;
-                sup.boot.table.fold_worker(slot);
-                if sup.stopping.get() {
-                    return;
-                }
-                sup.log(
-                    Priority::Error,
-                    format!("worker {slot} {}", describe_exit(status)),
-                );
+    let term = nix::sys::signal::Signal::SIGTERM;
+    sup.pool
+        .live_pids()
+        .into_iter()
+        .for_each(|p| pool::signal(p, term));
+    let all_gone = async {
+        while !sup.pool.live_pids().is_empty() {
+            let changed = sup.pool.changed.notified();
+            if sup.pool.live_pids().is_empty() {
+                break;
             }
-            Err(e) => sup.log(Priority::Error, format!("cannot start worker {slot}: {e}")),
+            changed.await;
         }
-        if started.elapsed() >= HEALTHY_UPTIME {
-            backoff = FIRST_BACKOFF;
-            early_deaths = 0;
-        } else {
-            early_deaths += 1;
-        }
-        if early_deaths >= CRASH_BUDGET {
-            sup.log(
-                Priority::Error,
-                format!("worker {slot} died {early_deaths} times in a row; not restarting it"),
-            );
-            if let Some(tx) = ready.take() {
-                let _ = tx.send(Err(format!("worker {slot} keeps dying at start-up")));
-            }
-            sup.dead_slots.set(sup.dead_slots.get() + 1);
-            sup.wake.notify_waiters();
-            return;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = sup.wake.notified() => {}
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-        if !sup.stopping.get() {
-            sup.log(Priority::Notice, format!("restarting worker {slot}"));
-        }
-    }
-}
-
-fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(code), _) => format!("exited with status {code}"),
-            (_, Some(sig)) => format!("killed by signal {sig}"),
-            _ => "ended".to_string(),
-        },
-        Err(e) => format!("could not be waited for: {e}"),
-    }
-}
-
-/// Forks and execs a worker from our own image, and sends it its start message.
-async fn spawn_worker(
-    sup: &Supervisor,
-    slot: usize,
-) -> Result<(tokio::process::Child, UnixDatagram), IpcError> {
-    let (ours, theirs) = ipc::socketpair()?;
-    let mut cmd = std::process::Command::new(format!("/proc/self/fd/{}", sup.boot.exe.as_raw_fd()));
-    cmd.arg0("balance")
-        .arg("--worker")
-        .arg(slot.to_string())
-        .env_clear()
-        .stdin(std::process::Stdio::null());
-    if sup.detached {
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-    }
-    crate::sys::worker_child_setup(&mut cmd, theirs.as_raw_fd());
-    let child = tokio::process::Command::from(cmd).spawn()?;
-    drop(theirs);
-    sup.pids.borrow_mut()[slot] = child.id();
-    let std_sock = std::os::unix::net::UnixDatagram::from(ours);
-    std_sock.set_nonblocking(true)?;
-    let channel = UnixDatagram::from_std(std_sock)?;
-    let mut fds: Vec<i32> = sup.boot.listeners.iter().map(|l| l.as_raw_fd()).collect();
-    fds.push(sup.boot.table_file.as_raw_fd());
-    let config = WorkerConfig {
-        slot: slot as u32,
-        ..sup.template.clone()
     };
-    ipc::send(&channel, &Message::Start(config), &fds).await?;
-    Ok((child, channel))
-}
-
-/// Handles a worker's messages until it exits; returns its exit status.
-async fn serve_worker(
-    sup: &Supervisor,
-    slot: usize,
-    mut child: tokio::process::Child,
-    channel: &UnixDatagram,
-    ready: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
-) -> std::io::Result<std::process::ExitStatus> {
-    loop {
-        tokio::select! {
-            status = child.wait() => return status,
-            msg = ipc::recv(channel) => match msg {
-                Ok((msg, _fds)) => {
-                    if !handle_message(sup, slot, msg, ready) {
-                        let _ = child.start_kill();
-                        return child.wait().await;
-                    }
-                }
-                Err(IpcError::Closed) => return child.wait().await,
-                Err(e) => {
-                    sup.log(Priority::Error, format!("worker {slot} sent a bad message ({e}); stopping it"));
-                    let _ = child.start_kill();
-                    return child.wait().await;
-                }
-            },
-        }
+    if tokio::time::timeout(STOP_TIMEOUT, all_gone).await.is_err() {
+        let kill = nix::sys::signal::Signal::SIGKILL;
+        sup.pool
+            .live_pids()
+            .into_iter()
+            .for_each(|p| pool::signal(p, kill));
     }
-}
-
-/// Checks and applies one request from a worker. Returns false when the worker misbehaved.
-fn handle_message(
-    sup: &Supervisor,
-    slot: usize,
-    msg: Message,
-    ready: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
-) -> bool {
-    match msg {
-        Message::Ready => {
-            if let Some(tx) = ready.take() {
-                let _ = tx.send(Ok(()));
-            }
-            true
-        }
-        Message::Log { priority, text } => {
-            sup.log(priority, text);
-            true
-        }
-        Message::Disable { group, channel } => {
-            if !sup.autodisable || group as usize >= MAX_GROUPS {
-                sup.log(
-                    Priority::Error,
-                    format!(
-                        "worker {slot} asked to disable group {group} channel {channel} without -a"
-                    ),
-                );
-                return false;
-            }
-            disable_channel(sup, group as usize, channel as usize);
-            true
-        }
-        Message::Start(_) => {
-            sup.log(
-                Priority::Error,
-                format!("worker {slot} sent a start message"),
-            );
-            false
-        }
-    }
-}
-
-/// `-a`: disables a channel whose connect failed, under the table lock.
-fn disable_channel(sup: &Supervisor, group: usize, channel: usize) {
-    match sup
-        .boot
-        .table
-        .update(|w| w.set_enabled(group, channel, false))
-    {
-        Ok(Some(true)) => {
-            let addr = sup
-                .boot
-                .table
-                .snapshot()
-                .and_then(|s| s.groups.get(group)?.channels.get(channel)?.addr)
-                .map_or_else(|| "?".to_string(), |a| a.to_string());
-            sup.log(
-                Priority::Notice,
-                format!(
-                    "channel {channel} of group {group} ({addr}) disabled after a failed connect; enable it again with balance -i once the problem is solved"
-                ),
-            );
-        }
-        Ok(_) => {}
-        Err(e) => sup.log(
-            Priority::Error,
-            format!("cannot disable group {group} channel {channel}: {e}"),
-        ),
+    for slot in slots {
+        let _ = slot.await;
     }
 }
 
 impl Supervisor {
     fn log(&self, priority: Priority, text: String) {
         self.logger.borrow_mut().log(priority, &text);
+    }
+
+    /// `-a`: disables a channel whose connect failed, under the table lock.
+    fn disable_channel(&self, group: usize, channel: usize) {
+        match self
+            .boot
+            .table
+            .update(|w| w.set_enabled(group, channel, false))
+        {
+            Ok(Some(true)) => {
+                let addr = self
+                    .boot
+                    .table
+                    .snapshot()
+                    .and_then(|s| s.groups.get(group)?.channels.get(channel)?.addr)
+                    .map_or_else(|| "?".to_string(), |a| a.to_string());
+                self.log(
+                    Priority::Notice,
+                    format!(
+                        "channel {channel} of group {group} ({addr}) disabled after a failed connect; enable it again with balance -i once the problem is solved"
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => self.log(
+                Priority::Error,
+                format!("cannot disable group {group} channel {channel}: {e}"),
+            ),
+        }
     }
 }

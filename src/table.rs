@@ -28,7 +28,11 @@ use crate::sys::{self, Mapping};
 
 pub const MAX_GROUPS: usize = 32;
 pub const MAX_CHANNELS: usize = 64;
+/// Rows of per-worker counts in the table.
 pub const MAX_WORKERS: usize = 64;
+/// Most workers in the pool: half the rows, so every worker can be replaced while its
+/// predecessor drains.
+pub const MAX_POOL: usize = MAX_WORKERS / 2;
 
 /// "BALTABLE" in little-endian byte order.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"BALTABLE");

@@ -48,7 +48,11 @@ fn fail(what: &str, e: impl std::fmt::Display) -> WorkerError {
 /// Everything a connection needs, shared by the worker's tasks.
 struct Context {
     config: WorkerConfig,
-    slot: usize,
+    /// This worker's row in the table's per-worker counts.
+    row: usize,
+    /// Connections being served; a draining worker exits when it reaches zero.
+    active: std::cell::Cell<usize>,
+    idle: tokio::sync::Notify,
     table: Table,
     channel: UnixDatagram,
     cache: std::cell::RefCell<Option<Rc<Snapshot>>>,
@@ -79,7 +83,9 @@ pub fn run() -> Result<(), WorkerError> {
     local.block_on(&runtime, async move {
         let channel = UnixDatagram::from_std(channel).map_err(|e| fail("channel", e))?;
         let ctx = Rc::new(Context {
-            slot: config.slot as usize,
+            row: config.row as usize,
+            active: std::cell::Cell::new(0),
+            idle: tokio::sync::Notify::new(),
             config,
             table,
             channel,
@@ -93,7 +99,20 @@ pub fn run() -> Result<(), WorkerError> {
         ipc::send(&ctx.channel, &Message::Ready, &[])
             .await
             .map_err(|e| fail("ready", e))?;
-        watch_supervisor(&ctx).await;
+        if watch_supervisor(&ctx).await == Watch::Drain {
+            // Stop accepting (other workers share the listening socket and go on), finish
+            // the connections in progress, then exit.
+            for task in &accepting {
+                task.abort();
+            }
+            while ctx.active.get() > 0 {
+                let idle = ctx.idle.notified();
+                tokio::select! {
+                    () = idle => {}
+                    Err(_) = ipc::recv(&ctx.channel) => break,
+                }
+            }
+        }
         Ok(())
     })
 }
@@ -120,12 +139,21 @@ fn receive_start(
     Ok((config, listeners, table))
 }
 
-/// Returns when the supervisor goes away (its end of the channel closed).
-async fn watch_supervisor(ctx: &Context) {
+#[derive(Debug, PartialEq, Eq)]
+enum Watch {
+    /// The supervisor went away (its end of the channel closed): exit at once.
+    Gone,
+    /// The supervisor is replacing this worker.
+    Drain,
+}
+
+/// Waits for the supervisor's next instruction.
+async fn watch_supervisor(ctx: &Context) -> Watch {
     loop {
         match ipc::recv(&ctx.channel).await {
+            Ok((Message::Drain, _)) => return Watch::Drain,
             Ok(_) => continue,
-            Err(_) => return,
+            Err(_) => return Watch::Gone,
         }
     }
 }
@@ -147,6 +175,7 @@ async fn accept_loop(ctx: Rc<Context>, listener: TcpListener) {
 
 /// One connection, start to end.
 async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
+    let _active = Active::enter(&ctx);
     ctx.debug(format_args!("connect from {peer}"));
     let snap = ctx.snapshot();
     let hash = select::client_hash(peer.ip());
@@ -189,6 +218,26 @@ async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
     drop(slot);
 }
 
+/// Counts a connection in progress for draining.
+struct Active<'a>(&'a Context);
+
+impl<'a> Active<'a> {
+    fn enter(ctx: &'a Context) -> Active<'a> {
+        ctx.active.set(ctx.active.get() + 1);
+        Active(ctx)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        let n = self.0.active.get().saturating_sub(1);
+        self.0.active.set(n);
+        if n == 0 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// A reserved connection slot on a channel; given back when dropped.
 struct Slot<'a> {
     ctx: &'a Context,
@@ -200,7 +249,7 @@ impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.ctx
             .table
-            .release(self.ctx.slot, self.group, self.channel);
+            .release(self.ctx.row, self.group, self.channel);
     }
 }
 
@@ -215,7 +264,7 @@ async fn connect_with_failover<'a>(
         let group = &snap.groups[g];
         let ch = &group.channels[c];
         let addr = ch.addr?;
-        if !ctx.table.reserve(ctx.slot, g, c, ch.maxc) {
+        if !ctx.table.reserve(ctx.row, g, c, ch.maxc) {
             ctx.debug(format_args!("group {g} channel {c} is full"));
             continue;
         }

@@ -260,6 +260,8 @@ pub struct Start<'a> {
     pub workers: usize,
     pub bind: &'a str,
     pub port: Option<u16>,
+    /// A command that execs balance (e.g. `prlimit --nproc=4:4 --`), keeping the pid.
+    pub wrapper: &'a [&'a str],
 }
 
 impl Default for Start<'_> {
@@ -270,6 +272,7 @@ impl Default for Start<'_> {
             workers: 2,
             bind: "127.0.0.1",
             port: None,
+            wrapper: &[],
         }
     }
 }
@@ -290,7 +293,14 @@ impl Balance {
         let logs = run_dir.parent().expect("parent").to_path_buf();
         let stderr_path = logs.join("stderr");
         let stdout_path = logs.join("stdout");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(BIN);
+                cmd
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("-f")
             .arg("--run-dir")
             .arg(&run_dir)

@@ -1,0 +1,370 @@
+//! The worker pool: keeps `size` worker slots filled.
+//!
+//! Each slot task spawns a worker (fork + exec of our own image through the descriptor on
+//! `/proc/self/exe`), hands it the listener and the table, and then waits: for the worker's
+//! death (it is reaped, its share of the current-connection counts is subtracted, and a new
+//! one is started with exponential backoff; a worker that keeps dying early exhausts the
+//! crash budget and its slot is given up), or for a request to replace it. A replacement is
+//! started first; once it is ready the old worker is told to drain (stop accepting, finish
+//! its connections, exit), so a reload drops no connection.
+//!
+//! A worker's table row is separate from its slot: a draining worker keeps its row until it
+//! exits, while its replacement counts in a fresh one. Every request a worker sends is checked
+//! before the supervisor acts on it; a worker that misbehaves is killed.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::net::UnixDatagram;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::Supervisor;
+use crate::ipc::{self, IpcError, Message, Priority, WorkerConfig};
+use crate::table::{MAX_GROUPS, MAX_WORKERS};
+
+/// A worker that dies sooner than this after its start counts against the crash budget.
+const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
+/// Consecutive early deaths after which a worker slot is given up.
+const CRASH_BUDGET: u32 = 5;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a new worker may take to report ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+pub struct Pool {
+    pub size: usize,
+    /// Table rows in use by live workers (draining ones included).
+    rows: RefCell<[bool; MAX_WORKERS]>,
+    /// Live (not yet reaped) worker pids and their rows.
+    live: RefCell<HashMap<u32, usize>>,
+    /// Pending replace requests, one per slot.
+    requests: RefCell<Vec<Option<Reply>>>,
+    replace: Vec<Notify>,
+    /// Slots given up after exhausting the crash budget.
+    pub dead_slots: Cell<usize>,
+    /// Signalled when a worker exits or a slot is given up.
+    pub changed: Notify,
+}
+
+impl Pool {
+    pub fn new(size: usize) -> Pool {
+        Pool {
+            size,
+            rows: RefCell::new([false; MAX_WORKERS]),
+            live: RefCell::new(HashMap::new()),
+            requests: RefCell::new((0..size).map(|_| None).collect()),
+            replace: (0..size).map(|_| Notify::new()).collect(),
+            dead_slots: Cell::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Pids of the workers not yet reaped (safe to signal: they cannot have been reused).
+    pub fn live_pids(&self) -> Vec<u32> {
+        self.live.borrow().keys().copied().collect()
+    }
+
+    fn take_row(&self) -> Option<usize> {
+        let mut rows = self.rows.borrow_mut();
+        let row = rows.iter().position(|used| !used)?;
+        rows[row] = true;
+        Some(row)
+    }
+
+    fn free_row(&self, row: usize) {
+        if let Some(used) = self.rows.borrow_mut().get_mut(row) {
+            *used = false;
+        }
+    }
+}
+
+/// A running worker as its slot sees it.
+struct Worker {
+    channel: Rc<UnixDatagram>,
+    /// Completes with the exit status once the worker has been reaped and accounted for.
+    done: JoinHandle<std::io::Result<std::process::ExitStatus>>,
+}
+
+/// Keeps one slot filled until the supervisor stops. `first_ready` learns whether the slot's
+/// first worker came up.
+pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
+    let mut first_ready = Some(first_ready);
+    let mut backoff = FIRST_BACKOFF;
+    let mut early_deaths = 0;
+    while !sup.stopping.get() {
+        let started = Instant::now();
+        match launch(&sup, slot).await {
+            Ok(worker) => {
+                if let Some(tx) = first_ready.take() {
+                    let _ = tx.send(Ok(()));
+                }
+                let status = serve_slot(&sup, slot, worker).await;
+                if sup.stopping.get() {
+                    return;
+                }
+                sup.log(
+                    Priority::Error,
+                    format!("worker {slot} {}", describe_exit(status)),
+                );
+            }
+            Err(e) => sup.log(Priority::Error, format!("cannot start worker {slot}: {e}")),
+        }
+        if started.elapsed() >= HEALTHY_UPTIME {
+            backoff = FIRST_BACKOFF;
+            early_deaths = 0;
+        } else {
+            early_deaths += 1;
+        }
+        if early_deaths >= CRASH_BUDGET {
+            sup.log(
+                Priority::Error,
+                format!("worker {slot} died {early_deaths} times in a row; not restarting it"),
+            );
+            if let Some(tx) = first_ready.take() {
+                let _ = tx.send(Err(format!("worker {slot} keeps dying at start-up")));
+            }
+            sup.pool.dead_slots.set(sup.pool.dead_slots.get() + 1);
+            sup.pool.changed.notify_waiters();
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = sup.wake.notified() => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        if !sup.stopping.get() {
+            sup.log(Priority::Notice, format!("restarting worker {slot}"));
+        }
+    }
+}
+
+/// Waits for the slot's worker to die, replacing it whenever asked; returns the exit status
+/// of the worker that died.
+async fn serve_slot(
+    sup: &Rc<Supervisor>,
+    slot: usize,
+    mut worker: Worker,
+) -> std::io::Result<std::process::ExitStatus> {
+    loop {
+        tokio::select! {
+            status = &mut worker.done => {
+                return status.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            }
+            () = sup.pool.replace[slot].notified() => {
+                let reply = sup.pool.requests.borrow_mut()[slot].take();
+                let result = match launch(sup, slot).await {
+                    Ok(new) => {
+                        let old = std::mem::replace(&mut worker, new);
+                        // The old worker's task reaps it and frees its row when it is done.
+                        let _ = ipc::send(&old.channel, &Message::Drain, &[]).await;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+/// Replaces every worker, one slot after the other, each new one ready before the next old
+/// one drains: used for reload (SIGHUP) and when the sandbox must admit new channel ports.
+pub async fn replace_all(sup: Rc<Supervisor>) {
+    for slot in 0..sup.pool.size {
+        if sup.stopping.get() {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        sup.pool.requests.borrow_mut()[slot] = Some(tx);
+        sup.pool.replace[slot].notify_one();
+        match tokio::time::timeout(READY_TIMEOUT * 2, rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => sup.log(
+                Priority::Error,
+                format!("cannot replace worker {slot}: {e}"),
+            ),
+            _ => sup.log(
+                Priority::Error,
+                format!("worker {slot} was not replaced in time"),
+            ),
+        }
+    }
+    sup.log(Priority::Notice, "all workers replaced".to_string());
+}
+
+/// Starts a worker for `slot` and waits until it reports ready.
+async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, String> {
+    let row = sup
+        .pool
+        .take_row()
+        .ok_or_else(|| "every table row is taken by draining workers".to_string())?;
+    let (child, channel) = match spawn(sup, row).await {
+        Ok(started) => started,
+        Err(e) => {
+            sup.pool.free_row(row);
+            return Err(e.to_string());
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    sup.pool.live.borrow_mut().insert(pid, row);
+    let channel = Rc::new(channel);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let done = tokio::task::spawn_local(watch(
+        Rc::clone(sup),
+        slot,
+        row,
+        child,
+        Rc::clone(&channel),
+        ready_tx,
+    ));
+    match tokio::time::timeout(READY_TIMEOUT, ready_rx).await {
+        Ok(Ok(())) => Ok(Worker { channel, done }),
+        _ => {
+            signal(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = done.await;
+            Err("the worker did not become ready".to_string())
+        }
+    }
+}
+
+/// Forks and execs a worker from our own image, and sends it its start message.
+async fn spawn(
+    sup: &Supervisor,
+    row: usize,
+) -> Result<(tokio::process::Child, UnixDatagram), IpcError> {
+    let (ours, theirs) = ipc::socketpair()?;
+    let exe = format!("/proc/self/fd/{}", sup.boot.exe.as_raw_fd());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg0("balance")
+        .arg("--worker")
+        .arg(row.to_string())
+        .env_clear()
+        .stdin(std::process::Stdio::null());
+    if sup.detached {
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
+    crate::sys::worker_child_setup(&mut cmd, theirs.as_raw_fd());
+    let child = tokio::process::Command::from(cmd).spawn()?;
+    drop(theirs);
+    let std_sock = std::os::unix::net::UnixDatagram::from(ours);
+    std_sock.set_nonblocking(true)?;
+    let channel = UnixDatagram::from_std(std_sock)?;
+    let mut fds: Vec<i32> = sup.boot.listeners.iter().map(|l| l.as_raw_fd()).collect();
+    fds.push(sup.boot.table_file.as_raw_fd());
+    let config = WorkerConfig {
+        row: row as u32,
+        ..sup.template.clone()
+    };
+    ipc::send(&channel, &Message::Start(config), &fds).await?;
+    Ok((child, channel))
+}
+
+/// Serves one worker's messages until it exits, then accounts for it: its row's current
+/// connections are subtracted and the row is freed.
+async fn watch(
+    sup: Rc<Supervisor>,
+    slot: usize,
+    row: usize,
+    mut child: tokio::process::Child,
+    channel: Rc<UnixDatagram>,
+    ready: oneshot::Sender<()>,
+) -> std::io::Result<std::process::ExitStatus> {
+    let pid = child.id().unwrap_or(0);
+    let mut ready = Some(ready);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            msg = ipc::recv(&channel) => match msg {
+                Ok((msg, _fds)) => {
+                    if !handle_message(&sup, slot, msg, &mut ready) {
+                        let _ = child.start_kill();
+                        break child.wait().await;
+                    }
+                }
+                Err(IpcError::Closed) => break child.wait().await,
+                Err(e) => {
+                    sup.log(Priority::Error, format!("worker {slot} sent a bad message ({e}); stopping it"));
+                    let _ = child.start_kill();
+                    break child.wait().await;
+                }
+            },
+        }
+    };
+    sup.pool.live.borrow_mut().remove(&pid);
+    sup.boot.table.fold_worker(row);
+    sup.pool.free_row(row);
+    sup.pool.changed.notify_waiters();
+    status
+}
+
+/// Checks and applies one request from a worker. Returns false when the worker misbehaved.
+fn handle_message(
+    sup: &Supervisor,
+    slot: usize,
+    msg: Message,
+    ready: &mut Option<oneshot::Sender<()>>,
+) -> bool {
+    match msg {
+        Message::Ready => {
+            if let Some(tx) = ready.take() {
+                let _ = tx.send(());
+            }
+            true
+        }
+        Message::Log { priority, text } => {
+            sup.log(priority, text);
+            true
+        }
+        Message::Disable { group, channel } => {
+            if !sup.autodisable || group as usize >= MAX_GROUPS {
+                sup.log(
+                    Priority::Error,
+                    format!(
+                        "worker {slot} asked to disable group {group} channel {channel} without -a"
+                    ),
+                );
+                return false;
+            }
+            sup.disable_channel(group as usize, channel as usize);
+            true
+        }
+        Message::Start(_) | Message::Drain => {
+            sup.log(
+                Priority::Error,
+                format!("worker {slot} sent a supervisor message"),
+            );
+            false
+        }
+    }
+}
+
+fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (_, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "ended".to_string(),
+        },
+        Err(e) => format!("could not be waited for: {e}"),
+    }
+}
+
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        if pid > 0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+}

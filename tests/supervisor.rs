@@ -1,0 +1,228 @@
+//! The supervisor keeps the pool alive: crashed workers are replaced without disturbing the
+//! others, a reload replaces every worker without dropping connections, and a pool that
+//! cannot run at all ends balance with an error.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Sends `rounds` small messages over `conn`, checking each echo.
+fn echo_rounds(conn: &mut TcpStream, rounds: usize, pause: Duration) {
+    let mut buf = [0u8; 8];
+    for i in 0..rounds {
+        let msg = format!("{:08}", i);
+        conn.write_all(msg.as_bytes()).expect("write");
+        conn.read_exact(&mut buf).expect("echo");
+        assert_eq!(&buf, msg.as_bytes());
+        std::thread::sleep(pause);
+    }
+}
+
+/// The worker process serving `conn`'s connection (the one holding its socket).
+fn worker_serving(b: &Balance, backend: &Backend) -> u32 {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnpH",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{}", backend.port()),
+        ])
+        .output()
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    b.workers()
+        .into_iter()
+        .find(|w| text.contains(&format!("pid={w},")))
+        .unwrap_or_else(|| panic!("no worker holds the backend connection: {text}"))
+}
+
+#[test]
+fn crashed_workers_are_replaced_and_others_keep_streaming() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[backend.operand()]);
+    for sig in [Signal::SIGKILL, Signal::SIGSEGV, Signal::SIGABRT] {
+        let (mut stream, tag) = hold(b.addr());
+        assert_eq!(tag, "B1");
+        let survivor = worker_serving(&b, &backend);
+        let victim = *b
+            .workers()
+            .iter()
+            .find(|w| **w != survivor)
+            .expect("second worker");
+        // A held connection on the victim, to see its count folded away.
+        let (victim_conn, victim_tag) = loop {
+            let (conn, tag) = hold(b.addr());
+            if worker_serving_count(&b, victim, &backend) > 0 {
+                break (conn, tag);
+            }
+        };
+        assert_eq!(victim_tag, "B1");
+        let path = b.table_path();
+        assert_eq!(counters(&path, 0, 0).0, 2);
+        let start = Instant::now();
+        signal(victim, sig);
+        if sig == Signal::SIGSEGV {
+            // Rust's runtime handles the first SIGSEGV (stack-overflow detection) and, when
+            // it was not a fault, resets the default action and returns; a real fault would
+            // re-fault at once. A second signal stands in for that.
+            std::thread::sleep(Duration::from_millis(50));
+            signal(victim, sig);
+        }
+        assert!(
+            wait_until(Duration::from_secs(2), || {
+                let now = b.workers();
+                now.len() == 2 && !now.contains(&victim)
+            }),
+            "{sig:?}: worker replaced, workers now {:?}",
+            b.workers()
+        );
+        assert!(
+            start.elapsed() < Duration::from_millis(1500),
+            "{sig:?}: replaced within a second"
+        );
+        assert!(
+            wait_until(Duration::from_secs(2), || counters(&path, 0, 0).0 == 1),
+            "{sig:?}: the dead worker's connection no longer counts"
+        );
+        drop(victim_conn);
+        // The other worker's stream never noticed.
+        echo_rounds(&mut stream, 5, Duration::from_millis(20));
+        assert_eq!(greeting(b.addr()), "B1", "new connections succeed");
+    }
+}
+
+/// Backend connections held by one worker.
+fn worker_serving_count(b: &Balance, worker: u32, backend: &Backend) -> usize {
+    let _ = b;
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnpH",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{}", backend.port()),
+        ])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .matches(&format!("pid={worker},"))
+        .count()
+}
+
+#[test]
+fn a_stream_survives_a_worker_crash_next_to_it() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[backend.operand()]);
+    let (mut stream, _) = hold(b.addr());
+    let survivor = worker_serving(&b, &backend);
+    let other = *b
+        .workers()
+        .iter()
+        .find(|w| **w != survivor)
+        .expect("second worker");
+    let streamer = std::thread::spawn(move || {
+        // About 3 s of traffic while the other worker dies.
+        echo_rounds(&mut stream, 100, Duration::from_millis(30));
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    signal(other, Signal::SIGKILL);
+    streamer.join().expect("stream completed across the crash");
+    assert!(wait_until(Duration::from_secs(2), || b.workers().len() == 2));
+}
+
+#[test]
+fn reload_replaces_workers_without_dropping_connections() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[backend.operand()]);
+    let before = b.workers();
+    let (mut held, _) = hold(b.addr());
+    signal(b.pid, Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let now = b.workers();
+            now.iter().filter(|w| !before.contains(w)).count() == 2
+        }),
+        "two new workers"
+    );
+    // The connection from before the reload still works (its worker drains).
+    echo_rounds(&mut held, 3, Duration::ZERO);
+    assert_eq!(greeting(b.addr()), "B1");
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(5), || b.workers().len() == 2),
+        "drained workers exit once their connections are done: {:?}",
+        b.workers()
+    );
+    assert!(b.stderr().contains("reload"), "{}", b.stderr());
+}
+
+#[test]
+fn a_pool_that_cannot_run_ends_balance_with_an_error() {
+    if !require_root() {
+        return;
+    }
+    // RLIMIT_NPROC counts every process of the service user: once enough other ones exist,
+    // the supervisor can no longer fork replacements. The service user here is `nobody`, so
+    // that other tests' balance processes do not count.
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let mut b = Balance::start_with(Start {
+        flags: &["--user", "nobody"],
+        operands: &[backend.operand()],
+        wrapper: &["prlimit", "--nproc=4:4", "--"],
+        ..Start::default()
+    });
+    let mut fillers: Vec<std::process::Child> = (0..3)
+        .map(|_| {
+            std::process::Command::new("setpriv")
+                .args([
+                    "--reuid=nobody",
+                    "--regid=nogroup",
+                    "--clear-groups",
+                    "sleep",
+                    "30",
+                ])
+                .spawn()
+                .expect("spawn filler")
+        })
+        .collect();
+    for w in b.workers() {
+        signal(w, Signal::SIGKILL);
+    }
+    let child = b.child.as_mut().expect("child");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for f in &mut fillers {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+    assert_eq!(status.and_then(|s| s.code()), Some(70), "balance gives up");
+    let err = b.stderr();
+    assert!(err.contains("not restarting it"), "{err}");
+    assert!(err.contains("no worker could run"), "{err}");
+    assert!(!b.table_path().exists(), "table removed on the way out");
+}
