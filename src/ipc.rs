@@ -14,7 +14,7 @@ use sendfd::{RecvWithFd, SendWithFd};
 use serde::{Deserialize, Serialize};
 
 /// Largest encoded message; receive buffers are one byte larger to detect truncation.
-pub const MAX_MESSAGE: usize = 4096;
+pub const MAX_MESSAGE: usize = 16 * 1024;
 /// Most descriptors one message may carry (listeners + the table).
 pub const MAX_FDS: usize = 8;
 
@@ -33,6 +33,8 @@ pub struct WorkerConfig {
     pub source: Option<IpAddr>,
     pub debug: bool,
     pub dump: bool,
+    /// Ports the sandbox lets the worker connect to: every channel's port when it started.
+    pub connect_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,8 +46,9 @@ pub enum Message {
     Drain,
 
     // worker → supervisor
-    /// The worker is locked down and accepting.
-    Ready,
+    /// The worker is locked down and accepting. `landlock` says what the kernel could not
+    /// enforce (None: everything).
+    Ready { landlock: Option<String> },
     /// `-a`: a connect to this channel failed; the supervisor disables it in the table.
     Disable { group: u32, channel: u32 },
     /// A line for the log (syslog, or stderr in the foreground).
@@ -212,9 +215,10 @@ mod tests {
         let a = std::os::unix::net::UnixDatagram::from(a);
         let b = std::os::unix::net::UnixDatagram::from(b);
         let file = std::fs::File::open("/dev/null").expect("open");
-        send_blocking(&a, &Message::Ready, &[file.as_raw_fd()]).expect("send");
+        let ready = Message::Ready { landlock: None };
+        send_blocking(&a, &ready, &[file.as_raw_fd()]).expect("send");
         let (msg, fds) = recv_blocking(&b).expect("recv");
-        assert_eq!(msg, Message::Ready);
+        assert_eq!(msg, ready);
         assert_eq!(fds.len(), 1);
         // Oversized packets are refused rather than silently truncated.
         a.send(&[0u8; MAX_MESSAGE + 10]).expect("send big");

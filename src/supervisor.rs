@@ -19,6 +19,7 @@ mod bootstrap;
 mod pool;
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -67,6 +68,11 @@ struct Supervisor {
     logger: RefCell<Logger>,
     stopping: Cell<bool>,
     pool: pool::Pool,
+    /// Channel ports new workers may connect to (landlock); grows when channels appear.
+    ports: RefCell<BTreeSet<u16>>,
+    /// Table generation whose ports were last compared with `ports`.
+    seen_generation: Cell<u32>,
+    landlock_warned: Cell<bool>,
     /// Wakes slot tasks out of their restart backoff at shutdown.
     wake: tokio::sync::Notify,
 }
@@ -117,10 +123,13 @@ fn supervise(
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .clamp(1, MAX_POOL);
+    let ports = channel_ports(&boot.table);
+    let generation = boot.table.header().generation.load(Ordering::Relaxed);
     let sup = Rc::new(Supervisor {
         template: WorkerConfig {
             row: 0,
             listeners: boot.listeners.len() as u32,
+            connect_ports: Vec::new(),
             connect_timeout_secs: args.connect_timeout,
             idle_timeout_secs: args.idle_timeout,
             autodisable: args.autodisable,
@@ -135,6 +144,9 @@ fn supervise(
         logger: RefCell::new(logger),
         stopping: Cell::new(false),
         pool: pool::Pool::new(workers),
+        ports: RefCell::new(ports),
+        seen_generation: Cell::new(generation),
+        landlock_warned: Cell::new(false),
         wake: tokio::sync::Notify::new(),
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -225,6 +237,7 @@ async fn wait_for_stop(sup: &Rc<Supervisor>) -> &'static str {
                 if sup.boot.table.header().shutdown.load(Ordering::Acquire) != 0 {
                     return "kill command";
                 }
+                admit_new_ports(sup);
             }
             () = sup.pool.changed.notified() => {
                 if sup.pool.dead_slots.get() >= sup.pool.size {
@@ -233,6 +246,39 @@ async fn wait_for_stop(sup: &Rc<Supervisor>) -> &'static str {
             }
         }
     }
+}
+
+/// When the control shell added or reassigned a channel to a port the workers' sandbox does
+/// not cover, replaces the workers (one by one, connections drain) with ones that admit it.
+fn admit_new_ports(sup: &Rc<Supervisor>) {
+    let generation = sup.boot.table.header().generation.load(Ordering::Relaxed);
+    if generation == sup.seen_generation.replace(generation) {
+        return;
+    }
+    let now = channel_ports(&sup.boot.table);
+    let new: Vec<u16> = now.difference(&sup.ports.borrow()).copied().collect();
+    if new.is_empty() {
+        return;
+    }
+    sup.ports.borrow_mut().extend(new.iter().copied());
+    sup.log(
+        Priority::Notice,
+        format!("new channel port(s) {new:?}: replacing workers so their sandbox admits them"),
+    );
+    tokio::task::spawn_local(pool::replace_all(Rc::clone(sup)));
+}
+
+/// Every port of every channel in the table.
+fn channel_ports(table: &crate::table::Table) -> BTreeSet<u16> {
+    table
+        .snapshot()
+        .map(|s| {
+            s.groups
+                .iter()
+                .flat_map(|g| g.channels.iter().filter_map(|c| c.addr.map(|a| a.port())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Ends every worker (draining ones too): SIGTERM, then SIGKILL after the stop timeout.

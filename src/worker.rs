@@ -77,7 +77,15 @@ pub fn run() -> Result<(), WorkerError> {
         l.set_nonblocking(true).map_err(|e| fail("listener", e))?;
     }
 
-    crate::sandbox::lock_down_worker().map_err(|e| fail("lockdown", e))?;
+    let filter = crate::sandbox::worker_filter(config.source.is_some())
+        .map_err(|e| fail("seccomp policy", e))?;
+    let landlock = crate::sandbox::lock_down_worker(&config.connect_ports, &filter)
+        .map_err(|e| fail("lockdown", e))?;
+    let landlock = match landlock {
+        crate::sandbox::Landlock::Full => None,
+        crate::sandbox::Landlock::Partial(what) => Some(format!("partly enforced ({what})")),
+        crate::sandbox::Landlock::Unavailable => Some("not available".to_string()),
+    };
 
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
@@ -96,7 +104,7 @@ pub fn run() -> Result<(), WorkerError> {
             let l = TcpListener::from_std(l).map_err(|e| fail("listener", e))?;
             accepting.push(tokio::task::spawn_local(accept_loop(Rc::clone(&ctx), l)));
         }
-        ipc::send(&ctx.channel, &Message::Ready, &[])
+        ipc::send(&ctx.channel, &Message::Ready { landlock }, &[])
             .await
             .map_err(|e| fail("ready", e))?;
         if watch_supervisor(&ctx).await == Watch::Drain {
@@ -284,6 +292,15 @@ async fn connect_with_failover<'a>(
             Ok(Ok(stream)) => {
                 ctx.debug(format_args!("connect to group {g} channel {c} successful"));
                 return Some((slot, stream));
+            }
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::EACCES) => {
+                // A port added at run time that this worker's sandbox predates: the
+                // supervisor is replacing the workers. Not the channel's fault.
+                ctx.debug(format_args!(
+                    "group {g} channel {c}: port {} not admitted by this worker's sandbox yet",
+                    addr.port()
+                ));
+                continue;
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("timeout after {}s", timeout.as_secs()),

@@ -182,8 +182,11 @@ fn create_enable_assign_reset() {
         "a new channel starts disabled"
     );
     control_ok(&b, "enable 1");
-    let tags: Vec<String> = (0..4).map(|_| greeting(b.addr())).collect();
-    assert!(tags.iter().any(|t| t == "B2"), "{tags:?}");
+    // A new port: the workers are replaced so that their sandbox admits it.
+    assert!(
+        wait_until(Duration::from_secs(10), || greeting(b.addr()) == "B2"),
+        "the new channel gets traffic"
+    );
 
     let o = b.control(&format!("assign 0 127.0.0.1 {}", bs[2].port()));
     assert_eq!(
@@ -204,11 +207,12 @@ fn create_enable_assign_reset() {
         "channel reassigned\n"
     );
     control_ok(&b, "enable 0");
-    let tags: Vec<String> = (0..4).map(|_| greeting(b.addr())).collect();
     assert!(
-        tags.iter().any(|t| t == "B3") && !tags.iter().any(|t| t == "B1"),
-        "{tags:?}"
+        wait_until(Duration::from_secs(10), || greeting(b.addr()) == "B3"),
+        "the reassigned channel gets traffic"
     );
+    let tags: Vec<String> = (0..4).map(|_| greeting(b.addr())).collect();
+    assert!(!tags.iter().any(|t| t == "B1"), "{tags:?}");
 
     let path = b.table_path();
     assert!(wait_until(Duration::from_secs(5), || counters(&path, 0, 0)

@@ -72,6 +72,17 @@ fn supervisor_and_workers_run_unprivileged_on_a_privileged_port() {
             "worker is the supervisor's child"
         );
         assert_eq!(status_field(*w, "NoNewPrivs").as_deref(), Some("1"));
+        assert_eq!(
+            status_field(*w, "Seccomp").as_deref(),
+            Some("2"),
+            "seccomp filter mode"
+        );
+        let limits = std::fs::read_to_string(format!("/proc/{w}/limits")).expect("limits");
+        let nproc = limits
+            .lines()
+            .find(|l| l.starts_with("Max processes"))
+            .expect("nproc");
+        assert_eq!(nproc.split_whitespace().nth(2), Some("0"), "{nproc}");
     }
     assert_eq!(greeting(b.addr()), "B1");
     // Run directory and table: who may do what is in the permissions.

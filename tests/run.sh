@@ -26,3 +26,6 @@ getent passwd nobody >/dev/null || { echo "tests/run.sh: user nobody missing" >&
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
+# The real workers under the real seccomp policy in an optimised build too: std and tokio
+# make different system calls in debug and release.
+cargo test --release --test sandbox --test select --test relay --test supervisor

@@ -264,6 +264,7 @@ async fn spawn(
     fds.push(sup.boot.table_file.as_raw_fd());
     let config = WorkerConfig {
         row: row as u32,
+        connect_ports: sup.ports.borrow().iter().copied().collect(),
         ..sup.template.clone()
     };
     ipc::send(&channel, &Message::Start(config), &fds).await?;
@@ -316,7 +317,15 @@ fn handle_message(
     ready: &mut Option<oneshot::Sender<()>>,
 ) -> bool {
     match msg {
-        Message::Ready => {
+        Message::Ready { landlock } => {
+            if let Some(what) = landlock {
+                if !sup.landlock_warned.replace(true) {
+                    sup.log(
+                        Priority::Warning,
+                        format!("landlock {what}: workers run with seccomp and rlimits only"),
+                    );
+                }
+            }
             if let Some(tx) = ready.take() {
                 let _ = tx.send(());
             }
