@@ -67,14 +67,21 @@ Examples:
   balance -f smtp mail1:smtp mail2::10 %
   balance -c show 8080
 
+Signals (to the supervisor, the process that --pidfile names):
+  SIGTERM, SIGINT  stop accepting, end the workers, remove the table file, exit 0
+  SIGHUP           reload: replace the workers one by one (connections in progress finish
+                   on the old ones) and reconnect to syslog
+
 Exit status:
   0   success
   64  bad command line (unknown option, bad value, wrong operands, invalid port)
-  65  invalid channel address
-  66  cannot open the table file
+  65  invalid channel address; shell: syntax error, no such channel or group
+  67  the service user (--user) does not exist
   69  service unavailable (bad grouping, too many groups or channels, no master process)
-  70  internal error
-  71  operating system error (bind, socket, files)
+  70  internal error (no worker could run)
+  71  operating system error (bind, socket, files); shell: no access to the table file
+  75  shell: the table is locked by another writer, try again
+  77  shell: the table is read-only for you
 ";
 
 /// What the user asked for.
@@ -121,6 +128,8 @@ pub struct ShellArgs {
     pub json: bool,
     /// `--control-group NAME`: the group allowed to use the shell.
     pub control_group: String,
+    /// `--syslog-socket PATH`: where the audit trail goes instead of the default socket.
+    pub syslog_socket: Option<PathBuf>,
 }
 
 /// The balancer.
@@ -686,6 +695,7 @@ fn shell_args(
         command: flags.command,
         json: flags.json,
         control_group: flags.control_group,
+        syslog_socket: flags.syslog_socket,
     })
 }
 

@@ -33,6 +33,8 @@ pub struct WorkerConfig {
     pub source: Option<IpAddr>,
     pub debug: bool,
     pub dump: bool,
+    /// `--log-connections`: one log line per relayed connection.
+    pub log_connections: bool,
     /// Ports the sandbox lets the worker connect to: every channel's port when it started.
     pub connect_ports: Vec<u16>,
 }
@@ -57,6 +59,7 @@ pub enum Message {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Priority {
+    Critical,
     Error,
     Warning,
     Notice,

@@ -1,34 +1,80 @@
-//! The supervisor's log: syslog (LOG_DAEMON, ident `balance`) and, in the foreground, stderr.
+//! Logging to syslog: the daemon's events (LOG_DAEMON) and the audit trail (LOG_AUTHPRIV).
 //!
-//! Only the supervisor talks to syslog; workers send it `Log` messages. The `syslog` crate
-//! does not reconnect by itself, so a failed send drops the connection and the next message
-//! tries to open a new one (a restarted syslog daemon is picked up). When no syslog socket
-//! exists, balance says so once on stderr and keeps running.
+//! In the daemon only the supervisor talks to syslog; workers send it `Log` messages. The
+//! control shell logs its own audit lines. The `syslog` crate does not reconnect by itself:
+//! after the syslog daemon restarts, a send on the old connection fails for good. So a failed
+//! send drops the connection, opens a new one and tries once more; a message that still
+//! cannot be delivered is dropped (logging never blocks or stops balance). When no syslog
+//! socket exists, balance says so once on stderr and keeps running. Nothing here ever writes
+//! to a client connection.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use syslog::{Facility, Formatter3164, Logger as SysLogger, LoggerBackend};
 
 use crate::ipc::Priority;
 
+type Conn = SysLogger<LoggerBackend, Formatter3164>;
+
+/// Where a line belongs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Daemon events: start, stop, workers, channels, connections (LOG_DAEMON).
+    Daemon,
+    /// Who changed what (LOG_AUTHPRIV).
+    Audit,
+}
+
 pub struct Logger {
     socket: Option<PathBuf>,
-    conn: Option<SysLogger<LoggerBackend, Formatter3164>>,
-    /// Copy messages to stderr (foreground mode).
+    daemon: Option<Conn>,
+    audit: Option<Conn>,
+    /// Copy daemon messages to stderr (foreground mode).
     stderr: bool,
     /// Also pass Info/Debug to stderr (`-d`).
     verbose: bool,
     warned_unavailable: bool,
+    /// When a connection was last attempted without one (daemon, audit).
+    retried: (Option<Instant>, Option<Instant>),
 }
 
+/// The syslog socket on Linux.
+const DEFAULT_SOCKET: &str = "/dev/log";
+
+/// How often to try to open a missing syslog connection.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Logger {
+    /// A logger for this process; connects at once (before a privilege drop, where that
+    /// matters) and reconnects whenever a send fails.
     pub fn new(socket: Option<PathBuf>, stderr: bool, verbose: bool) -> Logger {
-        Logger {
+        let mut logger = Logger {
             socket,
-            conn: None,
+            daemon: None,
+            audit: None,
             stderr,
             verbose,
             warned_unavailable: false,
+            retried: (None, None),
+        };
+        logger.daemon = logger.connect(Channel::Daemon);
+        logger.audit = logger.connect(Channel::Audit);
+        logger
+    }
+
+    /// The control shell's audit logger: it never complains on stderr about a missing
+    /// syslog (scripts read the shell's output), and connects only when it has something
+    /// to say.
+    pub fn for_shell(socket: Option<PathBuf>) -> Logger {
+        Logger {
+            socket,
+            daemon: None,
+            audit: None,
+            stderr: false,
+            verbose: false,
+            warned_unavailable: true,
+            retried: (None, None),
         }
     }
 
@@ -37,39 +83,43 @@ impl Logger {
         self.stderr = false;
     }
 
-    /// Drops the syslog connection; the next message opens a new one.
+    /// Drops the connections; the next message opens new ones (reload).
     pub fn reconnect(&mut self) {
-        self.conn = None;
+        self.daemon = None;
+        self.audit = None;
     }
 
-    fn connect(&mut self) -> Option<&mut SysLogger<LoggerBackend, Formatter3164>> {
-        if self.conn.is_none() {
-            let formatter = Formatter3164 {
-                facility: Facility::LOG_DAEMON,
-                hostname: None,
-                process: "balance".into(),
-                pid: std::process::id(),
-            };
-            let conn = match &self.socket {
-                Some(path) => syslog::unix_custom(formatter, path),
-                None => syslog::unix(formatter),
-            };
-            match conn {
-                Ok(c) => self.conn = Some(c),
-                Err(e) => {
-                    if !self.warned_unavailable {
-                        self.warned_unavailable = true;
-                        eprintln!(
-                            "balance: no syslog socket available ({e}); logging to stderr only"
-                        );
-                    }
-                    return None;
+    fn connect(&mut self, channel: Channel) -> Option<Conn> {
+        let formatter = Formatter3164 {
+            facility: match channel {
+                Channel::Daemon => Facility::LOG_DAEMON,
+                Channel::Audit => Facility::LOG_AUTHPRIV,
+            },
+            hostname: None,
+            process: "balance".into(),
+            pid: std::process::id(),
+        };
+        let path = self
+            .socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        let conn = syslog::unix_custom(formatter, &path);
+        match conn {
+            Ok(c) => Some(c),
+            Err(e) => {
+                if !self.warned_unavailable {
+                    self.warned_unavailable = true;
+                    eprintln!(
+                        "balance: cannot reach syslog at {} ({e}); not logging to syslog",
+                        path.display()
+                    );
                 }
+                None
             }
         }
-        self.conn.as_mut()
     }
 
+    /// A daemon event.
     pub fn log(&mut self, priority: Priority, text: &str) {
         let show = match priority {
             Priority::Info | Priority::Debug => self.verbose,
@@ -78,20 +128,63 @@ impl Logger {
         if self.stderr && show {
             eprintln!("{text}");
         }
-        let sent = match self.connect() {
-            Some(conn) => match priority {
+        self.send(Channel::Daemon, priority, text);
+    }
+
+    /// An audit line (LOG_AUTHPRIV).
+    pub fn audit(&mut self, priority: Priority, text: &str) {
+        if self.stderr && self.verbose {
+            eprintln!("audit: {text}");
+        }
+        self.send(Channel::Audit, priority, text);
+    }
+
+    /// Sends one line: on an existing connection, or a new one when there is none (at most
+    /// one attempt a second) or the existing one just failed (syslogd restarted).
+    fn send(&mut self, channel: Channel, priority: Priority, text: &str) {
+        for attempt in 0..2 {
+            if attempt > 0 || self.slot(channel).is_none() {
+                if attempt == 0 && !self.may_retry(channel) {
+                    return;
+                }
+                let conn = self.connect(channel);
+                *self.slot(channel) = conn;
+            }
+            let Some(conn) = self.slot(channel).as_mut() else {
+                return;
+            };
+            let sent = match priority {
+                Priority::Critical => conn.crit(text),
                 Priority::Error => conn.err(text),
                 Priority::Warning => conn.warning(text),
                 Priority::Notice => conn.notice(text),
                 Priority::Info => conn.info(text),
                 Priority::Debug => conn.debug(text),
+            };
+            if sent.is_ok() {
+                return;
             }
-            .is_ok(),
-            None => return,
-        };
-        if !sent {
-            // Reconnect on the next message.
-            self.conn = None;
         }
+    }
+
+    fn slot(&mut self, channel: Channel) -> &mut Option<Conn> {
+        match channel {
+            Channel::Daemon => &mut self.daemon,
+            Channel::Audit => &mut self.audit,
+        }
+    }
+
+    /// Without a connection, tries to open one at most once a second.
+    fn may_retry(&mut self, channel: Channel) -> bool {
+        let now = Instant::now();
+        let last = match channel {
+            Channel::Daemon => &mut self.retried.0,
+            Channel::Audit => &mut self.retried.1,
+        };
+        if last.is_some_and(|t| now.duration_since(t) < RETRY_INTERVAL) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 }

@@ -40,6 +40,16 @@ pub enum Ending {
     Error(io::Error),
 }
 
+/// What one relayed connection did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub ending: Ending,
+    /// Bytes client → backend.
+    pub up: u64,
+    /// Bytes backend → client.
+    pub down: u64,
+}
+
 /// Relays until both directions are done, one fails, or the idle timeout expires.
 pub async fn relay(
     client: &TcpStream,
@@ -48,35 +58,43 @@ pub async fn relay(
     received: &AtomicU64,
     idle: Option<Duration>,
     dump: bool,
-) -> Ending {
+) -> Outcome {
     let activity = Cell::new(Instant::now());
+    let (up_bytes, down_bytes) = (Cell::new(0u64), Cell::new(0u64));
     let up = pump(
         client,
         backend,
-        sent,
+        (sent, &up_bytes),
         &activity,
         dump.then_some(Direction::Up),
     );
     let down = pump(
         backend,
         client,
-        received,
+        (received, &down_bytes),
         &activity,
         dump.then_some(Direction::Down),
     );
     let both = async { tokio::try_join!(up, down) };
-    let result = match idle {
-        None => both.await,
+    let finished = async {
+        match both.await {
+            Ok(_) => Ending::Closed,
+            Err(e) => Ending::Error(e),
+        }
+    };
+    let ending = match idle {
+        None => finished.await,
         Some(limit) => {
             tokio::select! {
-                r = both => r,
-                () = idle_expiry(&activity, limit) => return Ending::IdleTimeout,
+                ending = finished => ending,
+                () = idle_expiry(&activity, limit) => Ending::IdleTimeout,
             }
         }
     };
-    match result {
-        Ok(_) => Ending::Closed,
-        Err(e) => Ending::Error(e),
+    Outcome {
+        ending,
+        up: up_bytes.get(),
+        down: down_bytes.get(),
     }
 }
 
@@ -95,7 +113,7 @@ async fn idle_expiry(activity: &Cell<Instant>, limit: Duration) {
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    counter: &AtomicU64,
+    (counter, local): (&AtomicU64, &Cell<u64>),
     activity: &Cell<Instant>,
     dump: Option<Direction>,
 ) -> io::Result<()> {
@@ -125,6 +143,7 @@ async fn pump(
         }
         write_all(dst, &buf[..n]).await?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        local.set(local.get() + n as u64);
         activity.set(Instant::now());
     }
 }

@@ -70,8 +70,9 @@ struct Supervisor {
     pool: pool::Pool,
     /// Channel ports new workers may connect to (landlock); grows when channels appear.
     ports: RefCell<BTreeSet<u16>>,
-    /// Table generation whose ports were last compared with `ports`.
+    /// Table generation last looked at, and the configuration seen then.
     seen_generation: Cell<u32>,
+    last_seen: RefCell<crate::table::Snapshot>,
     landlock_warned: Cell<bool>,
     /// Wakes slot tasks out of their restart backoff at shutdown.
     wake: tokio::sync::Notify,
@@ -94,7 +95,11 @@ fn supervise(
         .header()
         .supervisor_pid
         .store(std::process::id(), Ordering::Relaxed);
-    let mut logger = Logger::new(args.syslog_socket.clone(), true, args.common.debug);
+    let mut logger = Logger::new(
+        args.syslog_socket.clone(),
+        args.foreground,
+        args.common.debug,
+    );
     match &boot.account {
         Some(account) => {
             crate::sandbox::drop_privileges(account).map_err(|e| {
@@ -104,26 +109,34 @@ fn supervise(
                 )
             })?;
             logger.log(
-                Priority::Info,
+                Priority::Notice,
                 &format!(
                     "privileges dropped to user {} (uid {}, gid {})",
                     account.name, account.uid, account.gid
                 ),
             );
         }
-        None => logger.log(
-            Priority::Warning,
-            &format!(
+        None => {
+            let warning = format!(
                 "balance: not started as root: running as uid {} without privilege separation",
                 nix::unistd::getuid()
-            ),
-        ),
+            );
+            if !args.foreground {
+                // The log copies to stderr only in the foreground; say it on the terminal.
+                eprintln!("{warning}");
+            }
+            logger.log(Priority::Warning, &warning);
+        }
     }
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .clamp(1, MAX_POOL);
     let ports = channel_ports(&boot.table);
+    let last_seen = boot
+        .table
+        .snapshot()
+        .ok_or_else(|| Fatal::new(EX_SOFTWARE, "balance: the new table is inconsistent"))?;
     let generation = boot.table.header().generation.load(Ordering::Relaxed);
     let sup = Rc::new(Supervisor {
         template: WorkerConfig {
@@ -137,6 +150,7 @@ fn supervise(
             source: boot.source,
             debug: args.common.debug,
             dump: args.dump,
+            log_connections: args.log_connections,
         },
         autodisable: args.autodisable,
         detached: launcher.is_some(),
@@ -146,6 +160,7 @@ fn supervise(
         pool: pool::Pool::new(workers),
         ports: RefCell::new(ports),
         seen_generation: Cell::new(generation),
+        last_seen: RefCell::new(last_seen),
         landlock_warned: Cell::new(false),
         wake: tokio::sync::Notify::new(),
     });
@@ -204,11 +219,16 @@ fn supervise(
             let _ = std::fs::remove_file(path);
         }
         if sup.pool.dead_slots.get() >= workers {
+            sup.log(
+                Priority::Critical,
+                "stopped: no worker could run".to_string(),
+            );
             return Err(Fatal::new(
                 EX_SOFTWARE,
                 "balance: no worker could run".to_string(),
             ));
         }
+        sup.log(Priority::Notice, "stopped".to_string());
         Ok(())
     })
 }
@@ -237,7 +257,7 @@ async fn wait_for_stop(sup: &Rc<Supervisor>) -> &'static str {
                 if sup.boot.table.header().shutdown.load(Ordering::Acquire) != 0 {
                     return "kill command";
                 }
-                admit_new_ports(sup);
+                observe_table(sup);
             }
             () = sup.pool.changed.notified() => {
                 if sup.pool.dead_slots.get() >= sup.pool.size {
@@ -248,13 +268,27 @@ async fn wait_for_stop(sup: &Rc<Supervisor>) -> &'static str {
     }
 }
 
-/// When the control shell added or reassigned a channel to a port the workers' sandbox does
-/// not cover, replaces the workers (one by one, connections drain) with ones that admit it.
-fn admit_new_ports(sup: &Rc<Supervisor>) {
+/// Looks at the table after a change: every change goes to the audit trail (so a writer
+/// that skips its own logging still leaves a record), and a channel port the workers'
+/// sandbox does not cover makes the supervisor replace them (one by one, connections drain)
+/// with ones that admit it.
+fn observe_table(sup: &Rc<Supervisor>) {
     let generation = sup.boot.table.header().generation.load(Ordering::Relaxed);
     if generation == sup.seen_generation.replace(generation) {
         return;
     }
+    let Some(snapshot) = sup.boot.table.snapshot() else {
+        // Mid-update, or a writer died in one: look again at the next tick.
+        sup.seen_generation.set(generation.wrapping_sub(1));
+        return;
+    };
+    for change in snapshot.changes_since(&sup.last_seen.borrow()) {
+        sup.logger.borrow_mut().audit(
+            Priority::Notice,
+            &format!("table change observed: {change}"),
+        );
+    }
+    *sup.last_seen.borrow_mut() = snapshot;
     let now = channel_ports(&sup.boot.table);
     let new: Vec<u16> = now.difference(&sup.ports.borrow()).copied().collect();
     if new.is_empty() {

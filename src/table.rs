@@ -155,6 +155,52 @@ pub struct Snapshot {
     pub groups: Vec<GroupConfig>,
 }
 
+impl Snapshot {
+    /// What changed since `old`, one line per group or channel, for the audit trail.
+    pub fn changes_since(&self, old: &Snapshot) -> Vec<String> {
+        let mut out = Vec::new();
+        for (g, (new, old)) in self.groups.iter().zip(&old.groups).enumerate() {
+            if new.kind != old.kind {
+                out.push(format!(
+                    "group {g}: {} -> {}",
+                    kind_name(old.kind),
+                    kind_name(new.kind)
+                ));
+            }
+            for c in 0..new.channels.len().max(old.channels.len()) {
+                match (old.channels.get(c), new.channels.get(c)) {
+                    (None, Some(n)) => {
+                        out.push(format!("group {g} channel {c}: created, {}", describe(n)))
+                    }
+                    (Some(_), None) => out.push(format!("group {g} channel {c}: removed")),
+                    (Some(o), Some(n)) if o != n => out.push(format!(
+                        "group {g} channel {c}: {} -> {}",
+                        describe(o),
+                        describe(n)
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+}
+
+fn kind_name(kind: GroupKind) -> &'static str {
+    match kind {
+        GroupKind::RoundRobin => "round robin",
+        GroupKind::Hash => "hash",
+    }
+}
+
+fn describe(ch: &ChannelConfig) -> String {
+    let addr = ch
+        .addr
+        .map_or_else(|| "invalid address".to_string(), |a| a.to_string());
+    let status = if ch.enabled { "enabled" } else { "disabled" };
+    format!("{status} {addr} maxc {}", ch.maxc)
+}
+
 /// What goes into a fresh table.
 #[derive(Debug, Clone)]
 pub struct InitialGroup {
@@ -672,6 +718,34 @@ mod tests {
         // A second mapping (as a control client would) sees the same.
         let other = Table::open(&file, false).expect("reopen");
         assert_eq!(other.snapshot(), Some(snap));
+    }
+
+    #[test]
+    fn changes_are_described_for_the_audit_trail() {
+        let groups = vec![InitialGroup {
+            kind: GroupKind::RoundRobin,
+            channels: vec![(addr("127.0.0.1:21001"), 0)],
+        }];
+        let (_file, table) = temp_table(&groups);
+        let before = table.snapshot().expect("snapshot");
+        table
+            .update(|w| {
+                w.set_enabled(0, 0, false);
+                w.set_kind(0, GroupKind::Hash);
+                w.create_channel(0, addr("[::1]:80"));
+            })
+            .expect("update");
+        let after = table.snapshot().expect("snapshot");
+        assert_eq!(
+            after.changes_since(&before),
+            vec![
+                "group 0: round robin -> hash".to_string(),
+                "group 0 channel 0: enabled 127.0.0.1:21001 maxc 0 -> disabled 127.0.0.1:21001 maxc 0"
+                    .to_string(),
+                "group 0 channel 1: created, disabled [::1]:80 maxc 0".to_string(),
+            ]
+        );
+        assert!(after.changes_since(&after).is_empty());
     }
 
     #[test]

@@ -56,7 +56,12 @@ struct Context {
     table: Table,
     channel: UnixDatagram,
     cache: std::cell::RefCell<Option<Rc<Snapshot>>>,
+    /// When "maxc reached" was last logged, per channel.
+    full_logged:
+        std::cell::RefCell<std::collections::HashMap<(usize, usize), tokio::time::Instant>>,
 }
+
+const FULL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The worker's entry point; returns only on a start-up error.
 pub fn run() -> Result<(), WorkerError> {
@@ -98,6 +103,7 @@ pub fn run() -> Result<(), WorkerError> {
             table,
             channel,
             cache: std::cell::RefCell::new(None),
+            full_logged: std::cell::RefCell::new(std::collections::HashMap::new()),
         });
         let mut accepting = Vec::new();
         for l in listeners {
@@ -206,7 +212,8 @@ async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
     };
     channel.total.fetch_add(1, Ordering::Relaxed);
     let idle = ctx.config.idle_timeout_secs.map(Duration::from_secs);
-    let ending = relay::relay(
+    let started = tokio::time::Instant::now();
+    let outcome = relay::relay(
         &client,
         &backend,
         &channel.sent,
@@ -215,13 +222,30 @@ async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
         ctx.config.dump,
     )
     .await;
-    match ending {
-        Ending::Closed => ctx.debug(format_args!("connection from {peer} closed")),
-        Ending::IdleTimeout => ctx.debug(format_args!(
+    let how = match &outcome.ending {
+        Ending::Closed => "closed".to_string(),
+        Ending::IdleTimeout => format!(
             "timed out after {} seconds",
             ctx.config.idle_timeout_secs.unwrap_or(0)
-        )),
-        Ending::Error(e) => ctx.debug(format_args!("connection from {peer} ended: {e}")),
+        ),
+        Ending::Error(e) => format!("ended: {e}"),
+    };
+    ctx.debug(format_args!("connection from {peer} {how}"));
+    if ctx.config.log_connections {
+        let addr = snap.groups[slot.group].channels[slot.channel]
+            .addr
+            .map_or_else(|| "?".to_string(), |a| a.to_string());
+        ctx.log(
+            Priority::Info,
+            format!(
+                "connection from {peer} via group {} channel {} ({addr}): {} bytes up, {} bytes down, {:.3}s, {how}",
+                slot.group,
+                slot.channel,
+                outcome.up,
+                outcome.down,
+                started.elapsed().as_secs_f64()
+            ),
+        );
     }
     drop(slot);
 }
@@ -268,12 +292,15 @@ async fn connect_with_failover<'a>(
     candidates: &[select::Candidate],
 ) -> Option<(Slot<'a>, TcpStream)> {
     let timeout = Duration::from_secs(ctx.config.connect_timeout_secs);
-    for &(g, c) in candidates {
+    for (i, &(g, c)) in candidates.iter().enumerate() {
         let group = &snap.groups[g];
         let ch = &group.channels[c];
-        let addr = ch.addr?;
+        let Some(addr) = ch.addr else {
+            continue;
+        };
         if !ctx.table.reserve(ctx.row, g, c, ch.maxc) {
             ctx.debug(format_args!("group {g} channel {c} is full"));
+            ctx.note_full(g, c, ch.maxc);
             continue;
         }
         let slot = Slot {
@@ -306,9 +333,13 @@ async fn connect_with_failover<'a>(
             Err(_) => format!("timeout after {}s", timeout.as_secs()),
         };
         drop(slot);
+        let next = match candidates.get(i + 1) {
+            Some((ng, nc)) => format!("failing over to group {ng} channel {nc}"),
+            None => "no channel left to try".to_string(),
+        };
         ctx.log(
             Priority::Notice,
-            format!("connection failed group {g} channel {c} ({addr}): {reason}"),
+            format!("connection failed group {g} channel {c} ({addr}): {reason}; {next}"),
         );
         if ctx.config.autodisable {
             ctx.notify(Message::Disable {
@@ -368,6 +399,21 @@ impl Context {
 
     fn log(&self, priority: Priority, text: String) {
         self.notify(Message::Log { priority, text });
+    }
+
+    /// Logs that a channel turned a connection away because of maxc, at most once a second
+    /// per channel (under load this would otherwise be a line per connection).
+    fn note_full(&self, g: usize, c: usize, maxc: i32) {
+        let now = tokio::time::Instant::now();
+        let mut last = self.full_logged.borrow_mut();
+        let entry = last.entry((g, c)).or_insert(now - FULL_LOG_INTERVAL);
+        if now.duration_since(*entry) >= FULL_LOG_INTERVAL {
+            *entry = now;
+            self.log(
+                Priority::Notice,
+                format!("group {g} channel {c} reached maxc {maxc}; trying the next channel"),
+            );
+        }
     }
 
     /// Sends a message to the supervisor without waiting; a full channel drops it.

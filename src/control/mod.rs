@@ -30,6 +30,7 @@ mod access;
 mod commands;
 mod format;
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, BufRead, Write};
 use std::path::Path;
@@ -37,6 +38,8 @@ use std::process::ExitCode;
 
 use crate::cli::{self, Services, ShellArgs};
 use crate::exitcode::{EX_DATAERR, EX_OSERR, EX_SOFTWARE, EX_UNAVAILABLE};
+use crate::ipc::Priority;
+use crate::log::Logger;
 use crate::table::{Table, TableError};
 
 use access::AccessError;
@@ -63,7 +66,18 @@ pub struct AuditEvent {
 
 impl std::fmt::Display for AuditEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "uid {}: {} group {}", self.uid, self.command, self.group)?;
+        let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
+            .ok()
+            .flatten()
+            .map_or_else(|| "?".to_string(), |u| u.name);
+        write!(
+            f,
+            "uid {} ({name}) pid {}: {} group {}",
+            self.uid,
+            std::process::id(),
+            self.command,
+            self.group
+        )?;
         if let Some(c) = self.channel {
             write!(f, " channel {c}")?;
         }
@@ -180,9 +194,26 @@ pub fn run(args: ShellArgs) -> ExitCode {
         .common
         .run_dir
         .join(cli::table_file_name(listen.port, listen.bind.as_deref()));
+    let logger = RefCell::new(Logger::for_shell(args.syslog_socket.clone()));
     let attached = match access::attach(&path) {
         Ok(a) => a,
-        Err(e) => return ExitCode::from(report_access(&e, &path, &args.control_group)),
+        Err(e) => {
+            if matches!(e, AccessError::Denied | AccessError::Unsafe(_)) {
+                logger.borrow_mut().audit(
+                    Priority::Warning,
+                    &format!(
+                        "{}: refused access to {}: {}",
+                        caller(),
+                        path.display(),
+                        match &e {
+                            AccessError::Unsafe(why) => why.to_string(),
+                            _ => "permission denied".to_string(),
+                        }
+                    ),
+                );
+            }
+            return ExitCode::from(report_access(&e, &path, &args.control_group));
+        }
     };
     let mut session = Session {
         table: &attached.table,
@@ -192,6 +223,7 @@ pub fn run(args: ShellArgs) -> ExitCode {
         json: args.json,
         debug: args.common.debug,
         services: Services::system(),
+        logger,
     };
     let (stdout, stderr) = (io::stdout(), io::stderr());
     let (mut out, mut err) = (stdout.lock(), stderr.lock());
@@ -253,6 +285,18 @@ struct Session<'a> {
     /// `-d`: audit events are printed on stderr.
     debug: bool,
     services: Services,
+    /// The audit trail (LOG_AUTHPRIV).
+    logger: RefCell<Logger>,
+}
+
+/// Who is running this shell, for the audit trail: real uid, user name, pid.
+fn caller() -> String {
+    let uid = nix::unistd::getuid();
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map_or_else(|| "?".to_string(), |u| u.name);
+    format!("uid {uid} ({name}) pid {}", std::process::id())
 }
 
 impl Session<'_> {
@@ -261,7 +305,7 @@ impl Session<'_> {
         let result = self.run_line(line);
         let written = match &result {
             Ok(reply) => self.emit(reply, out, err),
-            Err(f) => f.report(self.path, out, err),
+            Err(f) => self.fail(f, out, err),
         };
         match (written, result) {
             (Err(e), _) => write_failure(&e),
@@ -299,7 +343,7 @@ impl Session<'_> {
             let result = self.run_line(&String::from_utf8_lossy(&line));
             let written = match &result {
                 Ok(reply) => self.emit(reply, out, err),
-                Err(f) => f.report(self.path, out, err),
+                Err(f) => self.fail(f, out, err),
             };
             if let Err(e) = written.and_then(|()| out.flush()) {
                 return write_failure(&e);
@@ -326,10 +370,30 @@ impl Session<'_> {
     }
 
     fn emit(&self, reply: &Reply, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<()> {
-        if let (Some(event), true) = (&reply.audit, self.debug) {
-            writeln!(err, "audit: {event}")?;
+        if let Some(event) = &reply.audit {
+            self.logger
+                .borrow_mut()
+                .audit(Priority::Notice, &event.to_string());
+            if self.debug {
+                writeln!(err, "audit: {event}")?;
+            }
         }
         out.write_all(reply.text.as_bytes())
+    }
+
+    /// Reports a failed command; a refused change also goes to the audit trail.
+    fn fail(&self, f: &Failure, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<()> {
+        if let Failure::ReadOnly(cmd) = f {
+            self.logger.borrow_mut().audit(
+                Priority::Warning,
+                &format!(
+                    "{}: refused {cmd} on {}: read-only access",
+                    caller(),
+                    self.path.display()
+                ),
+            );
+        }
+        f.report(self.path, out, err)
     }
 }
 

@@ -73,6 +73,9 @@ fn session(f: &Fixture) -> Session<'_> {
         json: false,
         debug: false,
         services: Services::parse("smtp 25/tcp mail\nhttp 80/tcp www\n"),
+        logger: std::cell::RefCell::new(crate::log::Logger::for_shell(Some(
+            std::path::PathBuf::from("/nonexistent/balance-test-log"),
+        ))),
     }
 }
 
@@ -287,8 +290,13 @@ fn enable_disable_maxc_reset_messages() {
     assert_eq!(
         event.to_string(),
         format!(
-            "uid {}: reset group 0 channel 2: totalc 9 sent 8 rcvd 7 -> 0",
-            nix::unistd::getuid()
+            "uid {} ({}) pid {}: reset group 0 channel 2: totalc 9 sent 8 rcvd 7 -> 0",
+            nix::unistd::getuid(),
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map_or_else(|| "?".to_string(), |u| u.name),
+            std::process::id()
         )
     );
     assert_eq!(ch.total.load(Ordering::Relaxed), 0);

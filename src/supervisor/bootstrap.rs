@@ -252,10 +252,18 @@ fn prepare_run_dir(path: &Path, account: Option<&Account>) -> Result<OwnedFd, Fa
             st.st_uid
         )));
     }
-    if let Some(a) = account {
-        fchown(&dir, Some(a.uid), Some(a.gid)).map_err(|e| unavailable(e.desc().to_string()))?;
+    // Mode first, owner second, each only when needed: so a second instance finding the
+    // directory already prepared needs no capability over files it does not own.
+    if st.st_mode & 0o7777 != 0o750 {
+        fchmod(&dir, Mode::from_bits_truncate(0o750))
+            .map_err(|e| unavailable(e.desc().to_string()))?;
     }
-    fchmod(&dir, Mode::from_bits_truncate(0o750)).map_err(|e| unavailable(e.desc().to_string()))?;
+    if let Some(a) = account {
+        if (st.st_uid, st.st_gid) != (a.uid.as_raw(), a.gid.as_raw()) {
+            fchown(&dir, Some(a.uid), Some(a.gid))
+                .map_err(|e| unavailable(e.desc().to_string()))?;
+        }
+    }
     Ok(dir)
 }
 

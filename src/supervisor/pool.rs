@@ -125,7 +125,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
         }
         if early_deaths >= CRASH_BUDGET {
             sup.log(
-                Priority::Error,
+                Priority::Critical,
                 format!("worker {slot} died {early_deaths} times in a row; not restarting it"),
             );
             if let Some(tx) = first_ready.take() {
@@ -228,7 +228,13 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, String> {
         ready_tx,
     ));
     match tokio::time::timeout(READY_TIMEOUT, ready_rx).await {
-        Ok(Ok(())) => Ok(Worker { channel, done }),
+        Ok(Ok(())) => {
+            sup.log(
+                Priority::Info,
+                format!("worker {slot} started (pid {pid}, table row {row})"),
+            );
+            Ok(Worker { channel, done })
+        }
         _ => {
             signal(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = done.await;
@@ -332,7 +338,7 @@ fn handle_message(
             true
         }
         Message::Log { priority, text } => {
-            sup.log(priority, text);
+            sup.log(priority, format!("worker {slot}: {text}"));
             true
         }
         Message::Disable { group, channel } => {

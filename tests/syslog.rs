@@ -1,0 +1,414 @@
+//! The audit trail and daemon log, received on a Unix datagram socket the test creates
+//! (`--syslog-socket`), as a syslog daemon would receive them.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// A syslog receiver: collects every datagram on `path` until dropped.
+struct Receiver {
+    path: PathBuf,
+    lines: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Receiver {
+    fn bind(path: &Path) -> Receiver {
+        Self::bind_into(path, Arc::new(Mutex::new(Vec::new())))
+    }
+
+    fn bind_into(path: &Path, lines: Arc<Mutex<Vec<String>>>) -> Receiver {
+        let _ = std::fs::remove_file(path);
+        let sock = UnixDatagram::bind(path).expect("bind syslog socket");
+        // The supervisor and workers run as user balance: the socket must be writable to all.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, s) = (Arc::clone(&lines), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                    l.lock().expect("lines").push(text);
+                }
+            }
+        });
+        Receiver {
+            path: path.to_path_buf(),
+            lines,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// Waits for a line with priority `<pri>` containing every one of `parts`.
+    fn expect(&self, pri: u8, parts: &[&str]) -> String {
+        let prefix = format!("<{pri}>");
+        let mut found = None;
+        let ok = wait_until(Duration::from_secs(10), || {
+            found = self
+                .lines()
+                .into_iter()
+                .find(|l| l.starts_with(&prefix) && parts.iter().all(|p| l.contains(p)));
+            found.is_some()
+        });
+        assert!(
+            ok,
+            "no <{pri}> line with {parts:?}; got:\n{}",
+            self.lines().join("\n")
+        );
+        found.unwrap_or_default()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+// Priorities: facility * 8 + severity. daemon = 3, authpriv = 10.
+const DAEMON_CRIT: u8 = 26;
+const DAEMON_ERR: u8 = 27;
+const DAEMON_WARNING: u8 = 28;
+const DAEMON_NOTICE: u8 = 29;
+const DAEMON_INFO: u8 = 30;
+const AUTH_WARNING: u8 = 84;
+const AUTH_NOTICE: u8 = 85;
+
+fn syslog_flags(path: &Path) -> Vec<String> {
+    vec![
+        "--syslog-socket".to_string(),
+        path.to_string_lossy().to_string(),
+    ]
+}
+
+#[test]
+fn daemon_events_reach_syslog() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog");
+    let rx = Receiver::bind(&dir.join("log"));
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let dead = refused_operand();
+    let flags = syslog_flags(&rx.path);
+    let mut flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flag_refs.push("-a");
+    let mut b = Balance::start(&flag_refs, &[format!("{}:1", b1.operand()), dead.clone()]);
+    let pid = b.pid.to_string();
+    let ident = format!("balance[{pid}]:");
+    let start = rx.expect(DAEMON_NOTICE, &[&ident, "started: listening on 127.0.0.1:"]);
+    assert!(start.contains(&b.port.to_string()), "{start}");
+    let user = nix::unistd::User::from_name("balance")
+        .ok()
+        .flatten()
+        .expect("user");
+    rx.expect(
+        DAEMON_NOTICE,
+        &[&format!(
+            "privileges dropped to user balance (uid {}, gid {})",
+            user.uid, user.gid
+        )],
+    );
+    rx.expect(DAEMON_INFO, &["worker 0 started (pid"]);
+    rx.expect(DAEMON_INFO, &["worker 1 started (pid"]);
+
+    // B1 (maxc 1) held, the next one goes to the dead channel: failure, autodisable,
+    // nothing left for the client; then maxc turns the next one away.
+    let (held, tag) = hold(b.addr());
+    assert_eq!(tag, "B1");
+    assert_eq!(greeting(b.addr()), "");
+    rx.expect(
+        DAEMON_NOTICE,
+        &[
+            "worker ",
+            "connection failed group 0 channel 1",
+            &dead,
+            "Connection refused",
+            "failing over to group 0 channel 0",
+        ],
+    );
+    rx.expect(
+        DAEMON_NOTICE,
+        &["channel 1 of group 0", "disabled after a failed connect"],
+    );
+    // The supervisor also records the change it observes in the table.
+    rx.expect(
+        AUTH_NOTICE,
+        &[
+            "table change observed: group 0 channel 1: enabled",
+            "-> disabled",
+        ],
+    );
+    rx.expect(
+        DAEMON_WARNING,
+        &["no channel could take the connection from 127.0.0.1:"],
+    );
+    assert_eq!(greeting(b.addr()), "");
+    rx.expect(DAEMON_NOTICE, &["group 0 channel 0 reached maxc 1"]);
+    drop(held);
+
+    // A worker dies: its exit and its restart are on record.
+    let victim = b.workers()[0];
+    signal(victim, Signal::SIGKILL);
+    rx.expect(DAEMON_ERR, &["killed by signal 9"]);
+    rx.expect(DAEMON_NOTICE, &["restarting worker"]);
+
+    b.terminate();
+    rx.expect(DAEMON_NOTICE, &[&ident, "shutting down (SIGTERM)"]);
+    rx.expect(DAEMON_NOTICE, &[&ident, "stopped"]);
+}
+
+#[test]
+fn crash_budget_exhaustion_is_critical() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-crit");
+    let rx = Receiver::bind(&dir.join("log"));
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let flags = syslog_flags(&rx.path);
+    let mut flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flag_refs.extend(["--user", "nobody"]);
+    let b = Balance::start_with(Start {
+        flags: &flag_refs,
+        operands: &[b1.operand()],
+        wrapper: &["prlimit", "--nproc=4:4", "--"],
+        ..Start::default()
+    });
+    let _fillers = Fillers(
+        (0..3)
+            .map(|_| {
+                Command::new("setpriv")
+                    .args([
+                        "--reuid=nobody",
+                        "--regid=nogroup",
+                        "--clear-groups",
+                        "sleep",
+                        "30",
+                    ])
+                    .spawn()
+                    .expect("filler")
+            })
+            .collect(),
+    );
+    for w in b.workers() {
+        signal(w, Signal::SIGKILL);
+    }
+    rx.expect(DAEMON_CRIT, &["not restarting it"]);
+    rx.expect(DAEMON_CRIT, &["stopped: no worker could run"]);
+}
+
+/// Processes of the service user that use up its process limit; killed by pid on drop.
+struct Fillers(Vec<std::process::Child>);
+
+impl Drop for Fillers {
+    fn drop(&mut self) {
+        for f in &mut self.0 {
+            let _ = f.kill();
+            let _ = f.wait();
+        }
+    }
+}
+
+#[test]
+fn control_changes_and_refusals_are_audited() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-audit");
+    let rx = Receiver::bind(&dir.join("log"));
+    let bs: Vec<Backend> = (1..=2)
+        .map(|i| Backend::start(&format!("B{i}"), Behaviour::TagEcho))
+        .collect();
+    let flags = syslog_flags(&rx.path);
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let b = Balance::start(&flag_refs, &[bs[0].operand(), bs[1].operand()]);
+    let control = |user: Option<&[&str]>, cmd: &str| {
+        let bin = dir.join("balance");
+        if !bin.exists() {
+            std::fs::copy(BIN, &bin).expect("copy binary");
+        }
+        let mut c = match user {
+            Some(setpriv) => {
+                let mut c = Command::new("setpriv");
+                c.args(setpriv).arg("--").arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        c.arg("--run-dir")
+            .arg(&b.run_dir)
+            .args(["-b", "127.0.0.1", "--syslog-socket"])
+            .arg(&rx.path)
+            .args(["-c", cmd, &b.port.to_string()])
+            .output()
+            .expect("control")
+    };
+    let out = control(None, "disable 1");
+    assert_eq!(out.status.code(), Some(0));
+    rx.expect(
+        AUTH_NOTICE,
+        &[
+            "uid 0 (root) pid ",
+            ": disable group 0 channel 1: enabled -> disabled",
+        ],
+    );
+    rx.expect(
+        AUTH_NOTICE,
+        &[
+            &format!("balance[{}]:", b.pid),
+            "table change observed: group 0 channel 1: enabled",
+        ],
+    );
+    let out = control(None, "maxc 0 7");
+    assert_eq!(out.status.code(), Some(0));
+    rx.expect(AUTH_NOTICE, &["maxc group 0 channel 0: 0 -> 7"]);
+
+    let nobody = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .expect("nobody");
+    let reader = ["--reuid=nobody", "--regid=nogroup", "--groups=balance"];
+    let out = control(Some(&reader), "enable 1");
+    assert_eq!(out.status.code(), Some(77), "read-only refusal");
+    rx.expect(
+        AUTH_WARNING,
+        &[
+            &format!("uid {} (nobody)", nobody.uid),
+            "refused enable",
+            "read-only access",
+        ],
+    );
+    let stranger = ["--reuid=nobody", "--regid=nogroup", "--clear-groups"];
+    let out = control(Some(&stranger), "show");
+    assert_eq!(out.status.code(), Some(71), "no access");
+    rx.expect(
+        AUTH_WARNING,
+        &[
+            &format!("uid {} (nobody)", nobody.uid),
+            "refused access to",
+            "permission denied",
+        ],
+    );
+}
+
+#[test]
+fn connection_lines_only_when_asked() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-conn");
+    let rx = Receiver::bind(&dir.join("log"));
+    let backend = Backend::start("B6", Behaviour::ReadAllThenReply);
+    let flags = syslog_flags(&rx.path);
+    let mut flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let quiet = Balance::start(&flag_refs, &[backend.operand()]);
+    send_and_half_close(quiet.addr(), b"12345");
+    rx.expect(DAEMON_NOTICE, &["started"]);
+    drop(quiet);
+    assert!(
+        !rx.lines().iter().any(|l| l.contains("bytes up")),
+        "no connection lines by default"
+    );
+    flag_refs.push("--log-connections");
+    let b = Balance::start(&flag_refs, &[backend.operand()]);
+    let reply = send_and_half_close(b.addr(), b"12345");
+    let line = rx.expect(
+        DAEMON_INFO,
+        &[
+            "connection from 127.0.0.1:",
+            &format!("via group 0 channel 0 ({})", backend.operand()),
+            "5 bytes up",
+            &format!("{} bytes down", reply.len()),
+            "closed",
+        ],
+    );
+    assert!(
+        line.contains("s, closed"),
+        "duration before the ending: {line}"
+    );
+}
+
+fn send_and_half_close(addr: std::net::SocketAddr, data: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(data).expect("write");
+    conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).expect("reply");
+    reply
+}
+
+#[test]
+fn logging_survives_a_syslog_restart() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-restart");
+    let path = dir.join("log");
+    let rx = Receiver::bind(&path);
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let flags = syslog_flags(&path);
+    let mut flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flag_refs.push("--log-connections");
+    let b = Balance::start(&flag_refs, &[backend.operand()]);
+    assert_eq!(greeting(b.addr()), "B1");
+    rx.expect(DAEMON_INFO, &["via group 0 channel 0"]);
+    // syslogd restarts: its socket disappears and a new one is bound at the same path.
+    drop(rx);
+    let rx = Receiver::bind(&path);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            assert_eq!(greeting(b.addr()), "B1");
+            rx.lines()
+                .iter()
+                .any(|l| l.contains("via group 0 channel 0"))
+        }),
+        "messages arrive after the restart"
+    );
+}
+
+#[test]
+fn without_syslog_balance_runs_and_says_so_once() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-none");
+    let missing = dir.join("no-such-socket");
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let flags = syslog_flags(&missing);
+    let mut flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flag_refs.extend(["--log-connections", "-a"]);
+    let b = Balance::start(&flag_refs, &[backend.operand(), refused_operand()]);
+    for _ in 0..4 {
+        assert_eq!(greeting(b.addr()), "B1");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let err = b.stderr();
+    assert_eq!(err.matches("cannot reach syslog").count(), 1, "{err}");
+    assert!(err.contains(&missing.display().to_string()), "{err}");
+}
