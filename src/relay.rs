@@ -5,20 +5,60 @@
 //! half-close is passed on (EOF from one side becomes `shutdown(SHUT_WR)` towards the other,
 //! and the reverse direction keeps flowing), bytes are counted per chunk with relaxed atomics,
 //! and an optional idle timeout ends a connection on which nothing moved in either direction.
-//! A direction's buffer is allocated only once data first arrives on it.
 //!
-//! With `-p`, every read is also written to stdout in the original's packet-dump format.
+//! Bytes move with `splice(2)` through a pipe, so they never enter user space. A direction
+//! takes a pipe from the worker's [`Pipes`] pool only when data is ready and gives it back
+//! once the pipe is drained and the source has nothing more: an idle connection holds no
+//! pipe and no buffer. Because the pipe is always drained before the next read, a read that
+//! would block means "socket empty", never "pipe full".
+//!
+//! With `-p`, data goes through a user-space buffer instead, so that every read can also be
+//! written to stdout in the original's packet-dump format.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+/// Largest user-space read (`-p` only).
 const CHUNK: usize = 32 * 1024;
+/// Largest splice into a pipe: the default pipe capacity.
+const SPLICE_CHUNK: usize = 64 * 1024;
+/// Pipes kept for reuse per worker; more are closed when given back.
+const POOL_LIMIT: usize = 256;
+
+/// A pipe for splicing: (read end, write end).
+struct Pipe(OwnedFd, OwnedFd);
+
+/// The worker's spare pipes.
+#[derive(Default)]
+pub struct Pipes {
+    free: RefCell<Vec<Pipe>>,
+}
+
+impl Pipes {
+    fn take(&self) -> io::Result<Pipe> {
+        if let Some(p) = self.free.borrow_mut().pop() {
+            return Ok(p);
+        }
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        Ok(Pipe(r, w))
+    }
+
+    /// Returns an empty pipe for reuse.
+    fn give_back(&self, pipe: Pipe) {
+        let mut free = self.free.borrow_mut();
+        if free.len() < POOL_LIMIT {
+            free.push(pipe);
+        }
+    }
+}
 
 /// Direction of a relayed chunk, as the dump labels it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,31 +90,39 @@ pub struct Outcome {
     pub down: u64,
 }
 
-/// Relays until both directions are done, one fails, or the idle timeout expires.
+/// Relays until both directions are done, one fails, or the idle timeout expires. `pipes`
+/// is the worker's pool for the splice path; `dump` (`-p`) selects the copying path.
 pub async fn relay(
     client: &TcpStream,
     backend: &TcpStream,
-    sent: &AtomicU64,
-    received: &AtomicU64,
+    (sent, received): (&AtomicU64, &AtomicU64),
     idle: Option<Duration>,
     dump: bool,
+    pipes: &Pipes,
 ) -> Outcome {
     let activity = Cell::new(Instant::now());
     let (up_bytes, down_bytes) = (Cell::new(0u64), Cell::new(0u64));
-    let up = pump(
-        client,
-        backend,
-        (sent, &up_bytes),
-        &activity,
-        dump.then_some(Direction::Up),
-    );
-    let down = pump(
-        backend,
-        client,
-        (received, &down_bytes),
-        &activity,
-        dump.then_some(Direction::Down),
-    );
+    let up = async {
+        if dump {
+            pump(client, backend, (sent, &up_bytes), &activity, Direction::Up).await
+        } else {
+            pump_splice(client, backend, (sent, &up_bytes), &activity, pipes).await
+        }
+    };
+    let down = async {
+        if dump {
+            pump(
+                backend,
+                client,
+                (received, &down_bytes),
+                &activity,
+                Direction::Down,
+            )
+            .await
+        } else {
+            pump_splice(backend, client, (received, &down_bytes), &activity, pipes).await
+        }
+    };
     let both = async { tokio::try_join!(up, down) };
     let finished = async {
         match both.await {
@@ -109,13 +157,63 @@ async fn idle_expiry(activity: &Cell<Instant>, limit: Duration) {
     }
 }
 
-/// Copies one direction until EOF (then half-closes `dst`) or an error.
+/// Splices one direction until EOF (then half-closes `dst`) or an error.
+async fn pump_splice(
+    src: &TcpStream,
+    dst: &TcpStream,
+    (counter, local): (&AtomicU64, &Cell<u64>),
+    activity: &Cell<Instant>,
+    pipes: &Pipes,
+) -> io::Result<()> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        src.readable().await?;
+        let pipe = pipes.take()?;
+        // Returning WouldBlock from inside try_io clears the cached readiness.
+        let read = src.try_io(Interest::READABLE, || {
+            splice(src, None, &pipe.1, None, SPLICE_CHUNK, flags).map_err(io::Error::from)
+        });
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipes.give_back(pipe);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            pipes.give_back(pipe);
+            // Half-close: the peer may still answer on the other direction.
+            let _ = nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            return Ok(());
+        }
+        let mut left = n;
+        while left > 0 {
+            dst.writable().await?;
+            let written = dst.try_io(Interest::WRITABLE, || {
+                splice(&pipe.0, None, dst, None, left, flags).map_err(io::Error::from)
+            });
+            match written {
+                Ok(k) => left -= k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // The pipe may still hold data: it is dropped, not pooled.
+                Err(e) => return Err(e),
+            }
+        }
+        pipes.give_back(pipe);
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        local.set(local.get() + n as u64);
+        activity.set(Instant::now());
+    }
+}
+
+/// Copies one direction through a user-space buffer (`-p`), dumping every read.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     (counter, local): (&AtomicU64, &Cell<u64>),
     activity: &Cell<Instant>,
-    dump: Option<Direction>,
+    dir: Direction,
 ) -> io::Result<()> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -127,15 +225,11 @@ async fn pump(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => {
-                if let Some(dir) = dump {
-                    write_dump(dir, None);
-                }
+                write_dump(dir, None);
                 return Err(e);
             }
         };
-        if let Some(dir) = dump {
-            write_dump(dir, Some(&buf[..n]));
-        }
+        write_dump(dir, Some(&buf[..n]));
         if n == 0 {
             // Half-close: the peer may still answer on the other direction.
             let _ = nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write);

@@ -56,6 +56,8 @@ struct Context {
     table: Table,
     channel: UnixDatagram,
     cache: std::cell::RefCell<Option<Rc<Snapshot>>>,
+    /// Spare pipes for the splice relay.
+    pipes: relay::Pipes,
     /// When "maxc reached" was last logged, per channel.
     full_logged:
         std::cell::RefCell<std::collections::HashMap<(usize, usize), tokio::time::Instant>>,
@@ -104,6 +106,7 @@ pub fn run() -> Result<(), WorkerError> {
             channel,
             cache: std::cell::RefCell::new(None),
             full_logged: std::cell::RefCell::new(std::collections::HashMap::new()),
+            pipes: relay::Pipes::default(),
         });
         let mut accepting = Vec::new();
         for l in listeners {
@@ -216,10 +219,10 @@ async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
     let outcome = relay::relay(
         &client,
         &backend,
-        &channel.sent,
-        &channel.received,
+        (&channel.sent, &channel.received),
         idle,
         ctx.config.dump,
+        &ctx.pipes,
     )
     .await;
     let how = match &outcome.ending {

@@ -242,3 +242,39 @@ fn packet_dump_in_the_originals_format() {
         b.stdout()
     );
 }
+
+/// Descriptors of `pid` whose link starts with `kind` ("pipe:", "socket:").
+fn fds_of_kind(pid: u32, kind: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with(kind))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn idle_connections_hold_no_pipe() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start_with(Start {
+        operands: &[backend.operand()],
+        workers: 1,
+        ..Start::default()
+    });
+    let worker = b.workers()[0];
+    // Every connection has moved data (the greeting) and is now idle.
+    let held: Vec<_> = (0..40).map(|_| hold(b.addr())).collect();
+    assert!(held.iter().all(|(_, t)| t == "B1"));
+    let sockets = fds_of_kind(worker, "socket:");
+    let pipes = fds_of_kind(worker, "pipe:");
+    assert!(sockets >= 80, "two sockets per connection: {sockets}");
+    // Only the pool's spare pipes (two ends each) remain, not one per connection.
+    assert!(pipes <= 8, "{pipes} pipe ends for 40 idle connections");
+}
