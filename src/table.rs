@@ -363,6 +363,20 @@ impl Table {
         None
     }
 
+    /// A copy of the configuration even while a writer is stuck mid-update (stopped, or
+    /// died and not yet repaired): consistent when possible, else read as it stands. Every
+    /// value is validated either way, so a torn read can only mix old and new settings of
+    /// the channels being changed.
+    pub fn snapshot_or_torn(&self) -> Snapshot {
+        self.snapshot().unwrap_or_else(|| {
+            let l = self.layout();
+            Snapshot {
+                seq: l.header.seq.load(Ordering::Acquire),
+                groups: l.groups.iter().zip(&l.channels).map(read_group).collect(),
+            }
+        })
+    }
+
     /// The current seqlock value, to tell whether a cached snapshot is still good.
     pub fn seq(&self) -> u32 {
         self.header().seq.load(Ordering::Acquire)

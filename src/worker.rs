@@ -382,13 +382,13 @@ impl Context {
                 *self.cache.borrow_mut() = Some(Rc::clone(&s));
                 s
             }
-            // Writers kept the table busy: use the last good copy.
-            None => self.cache.borrow().clone().unwrap_or_else(|| {
-                Rc::new(Snapshot {
-                    seq: 0,
-                    groups: Vec::new(),
-                })
-            }),
+            // A writer is stuck mid-update: keep the last good copy, or (a worker started
+            // meanwhile) read the table as it stands.
+            None => self
+                .cache
+                .borrow()
+                .clone()
+                .unwrap_or_else(|| Rc::new(self.table.snapshot_or_torn())),
         }
     }
 

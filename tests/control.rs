@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -360,10 +360,9 @@ fn control_group_reads_and_strangers_are_refused() {
 /// Not a test on its own: started by the lock tests as a child process (this test binary,
 /// with BALANCE_TEST_HOLD_LOCK set), it takes the table's writer lock and keeps it.
 #[test]
+#[ignore = "helper process, started by the lock tests"]
 fn lock_holder_helper() {
-    let Ok(path) = std::env::var("BALANCE_TEST_HOLD_LOCK") else {
-        return;
-    };
+    let path = std::env::var("BALANCE_TEST_HOLD_LOCK").expect("BALANCE_TEST_HOLD_LOCK");
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -394,6 +393,7 @@ fn start_lock_holder(table: &Path) -> Holder {
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
+            "--ignored",
             "lock_holder_helper",
             "--nocapture",
             "--test-threads=1",
@@ -439,6 +439,11 @@ fn stopped_lock_holder_times_out_and_dead_one_is_recovered() {
     // reports the same lock instead of hanging.
     let o = b.control("show");
     assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    // The workers never take the lock: traffic flows while a writer is stuck.
+    for _ in 0..4 {
+        let tag = greeting(b.addr());
+        assert!(tag == "B1" || tag == "B2", "{tag:?}");
+    }
 
     drop(holder);
     let start = Instant::now();
@@ -466,4 +471,171 @@ fn wait_output(mut child: Child, limit: Duration) -> Output {
         "child did not finish: {}",
         String::from_utf8_lossy(&o.stdout)
     );
+}
+
+#[test]
+fn a_stale_table_is_reported_and_never_signals_anyone() {
+    if !require_root() {
+        return;
+    }
+    let bs = backends(1);
+    let mut b = Balance::start(&[], &operands(&bs));
+    let workers = b.workers();
+    // The supervisor dies without cleaning up: its table file stays behind.
+    signal(b.pid, Signal::SIGKILL);
+    let status = b.child.take().map(|mut c| c.wait());
+    assert!(status.is_some());
+    assert!(wait_until(Duration::from_secs(5), || workers
+        .iter()
+        .all(|w| is_dead(*w))));
+    assert!(b.table_path().exists());
+    let o = b.control("show");
+    assert_eq!(o.status.code(), Some(69));
+    assert_eq!(stdout(&o), "no master process, exiting.\n");
+    let o = b.control("kill");
+    assert_eq!(o.status.code(), Some(69));
+}
+
+#[test]
+fn squatted_files_are_refused_never_adopted() {
+    if !require_root() {
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .ok()
+        .flatten()
+        .expect("nobody");
+    let bs = backends(1);
+    // A run directory created by another user is refused.
+    let dir = temp_dir("squat");
+    let run = dir.join("run");
+    std::fs::create_dir(&run).expect("mkdir");
+    nix::unistd::chown(&run, Some(nobody.uid), Some(nobody.gid)).expect("chown");
+    let port = free_port();
+    let o = Command::new(BIN)
+        .args(["-f", "--run-dir"])
+        .arg(&run)
+        .args(["-b", "127.0.0.1", &port.to_string(), &bs[0].operand()])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("refusing to adopt it"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A table file planted by another user is replaced, not adopted.
+    let run = temp_dir("squat2").join("run");
+    std::fs::create_dir(&run).expect("mkdir");
+    let port = free_port();
+    let planted = run.join(format!("balance.{port}.127.0.0.1"));
+    std::fs::write(&planted, b"planted").expect("plant");
+    nix::unistd::chown(&planted, Some(nobody.uid), Some(nobody.gid)).expect("chown");
+    let b = Balance::start_with(Start {
+        operands: &operands(&bs),
+        port: Some(port),
+        run_dir: Some(&run),
+        ..Start::default()
+    });
+    assert_eq!(b.table_path(), planted);
+    let meta = std::fs::metadata(b.table_path()).expect("table");
+    assert_eq!(meta.uid(), 0, "the daemon's own table, owned by root");
+    assert!(control_ok(&b, "show").contains("ENA"));
+    // And a client refuses a table that is not root's.
+    nix::unistd::chown(&b.table_path(), Some(nobody.uid), None).expect("chown");
+    let o = b.control("show");
+    assert_eq!(o.status.code(), Some(71), "{}", stderr(&o));
+    assert!(stderr(&o).contains("refusing to use"), "{}", stderr(&o));
+}
+
+#[test]
+fn control_group_option_chooses_who_may_read() {
+    if !require_root() {
+        return;
+    }
+    let bs = backends(1);
+    let b = Balance::start(&["--control-group", "nogroup"], &operands(&bs));
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .ok()
+        .flatten()
+        .expect("nogroup");
+    assert_eq!(
+        std::fs::metadata(b.table_path()).expect("table").gid(),
+        nogroup.gid.as_raw()
+    );
+    let bin = public_binary();
+    // The run directory belongs to the service user: readers traverse it through "other".
+    let as_nobody_in = |group: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=nobody",
+                &format!("--regid={group}"),
+                "--clear-groups",
+            ])
+            .arg(&bin)
+            .arg("--run-dir")
+            .arg(&b.run_dir)
+            .args(["-b", "127.0.0.1", "-c", "show", &b.port.to_string()])
+            .output()
+            .expect("setpriv")
+    };
+    let o = as_nobody_in("nogroup");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with("GRP Type"));
+    let o = as_nobody_in("balance");
+    assert_eq!(o.status.code(), Some(71), "group balance no longer reads");
+}
+
+#[test]
+fn hash_and_rr_switch_the_distribution_at_once() {
+    if !require_root() {
+        return;
+    }
+    let bs = backends(3);
+    let b = Balance::start(&[], &operands(&bs));
+    let round: Vec<String> = (0..3).map(|_| greeting(b.addr())).collect();
+    let mut sorted = round.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["B1", "B2", "B3"], "round robin first");
+    assert_eq!(control_ok(&b, "hash"), "group 0 set to hash\n");
+    // 127.0.0.1 hashes to channel 2 of 3.
+    assert!((0..4).all(|_| greeting(b.addr()) == "B3"));
+    assert_eq!(control_ok(&b, "rr"), "group 0 set to round robin\n");
+    let tags: Vec<String> = (0..3).map(|_| greeting(b.addr())).collect();
+    let mut sorted = tags.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["B1", "B2", "B3"], "{tags:?}");
+}
+
+#[test]
+fn interactive_shell_on_a_terminal() {
+    if !require_root() {
+        return;
+    }
+    let bs = backends(1);
+    let b = Balance::start(&[], &operands(&bs));
+    // script(1) runs the shell on a pseudo-terminal and passes our input to it.
+    let shell = format!(
+        "{BIN} --run-dir {} -b 127.0.0.1 -i {}",
+        b.run_dir.display(),
+        b.port
+    );
+    let mut child = Command::new("script")
+        .args(["-qefc", &shell, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script");
+    {
+        let mut input = child.stdin.take().expect("stdin");
+        input.write_all(b"show\nversion\nquit\n").expect("type");
+    }
+    let o = wait_output(child, Duration::from_secs(10));
+    let out = stdout(&o);
+    assert!(out.contains("balance[0] "), "{out}");
+    assert!(out.contains("GRP Type"), "{out}");
+    assert!(out.contains("MAXGROUPS=32"), "{out}");
+    assert_eq!(o.status.code(), Some(0), "{out}");
 }

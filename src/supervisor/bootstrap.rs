@@ -100,7 +100,7 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
         .local_addr()
         .map_or_else(|_| format!("port {}", listen.port), |a| a.to_string());
     let table_name = table_file_name(listen.port, listen.bind.as_deref());
-    let run_dir = prepare_run_dir(&args.common.run_dir, account.as_ref())?;
+    let run_dir = prepare_run_dir(&args.common.run_dir, account.as_ref(), table_gid)?;
     let (table_file, table) = publish_table(&run_dir, &table_name, table_gid, &groups)?;
     if args.common.debug {
         print_startup(args, &table_name, &groups);
@@ -221,8 +221,10 @@ fn bind_listener(
     Ok(std::net::TcpListener::from(fd))
 }
 
-/// Creates (0750) or checks the run directory and gives it to the service user.
-fn prepare_run_dir(path: &Path, account: Option<&Account>) -> Result<OwnedFd, Fatal> {
+/// Creates (0750) or checks the run directory and gives it to the service user (who must
+/// be able to remove the table at shutdown) and the control group (whose members must be
+/// able to reach the table to read it).
+fn prepare_run_dir(path: &Path, account: Option<&Account>, group: Gid) -> Result<OwnedFd, Fatal> {
     let unavailable = |why: String| {
         Fatal::new(
             EX_UNAVAILABLE,
@@ -259,8 +261,8 @@ fn prepare_run_dir(path: &Path, account: Option<&Account>) -> Result<OwnedFd, Fa
             .map_err(|e| unavailable(e.desc().to_string()))?;
     }
     if let Some(a) = account {
-        if (st.st_uid, st.st_gid) != (a.uid.as_raw(), a.gid.as_raw()) {
-            fchown(&dir, Some(a.uid), Some(a.gid))
+        if (st.st_uid, st.st_gid) != (a.uid.as_raw(), group.as_raw()) {
+            fchown(&dir, Some(a.uid), Some(group))
                 .map_err(|e| unavailable(e.desc().to_string()))?;
         }
     }

@@ -262,6 +262,8 @@ pub struct Start<'a> {
     pub port: Option<u16>,
     /// A command that execs balance (e.g. `prlimit --nproc=4:4 --`), keeping the pid.
     pub wrapper: &'a [&'a str],
+    /// The run directory; default: a fresh one.
+    pub run_dir: Option<&'a Path>,
 }
 
 impl Default for Start<'_> {
@@ -273,6 +275,7 @@ impl Default for Start<'_> {
             bind: "127.0.0.1",
             port: None,
             wrapper: &[],
+            run_dir: None,
         }
     }
 }
@@ -288,9 +291,11 @@ impl Balance {
     }
 
     pub fn start_with(opts: Start<'_>) -> Balance {
-        let run_dir = temp_dir("run").join("balance");
+        let run_dir = opts
+            .run_dir
+            .map_or_else(|| temp_dir("run").join("balance"), Path::to_path_buf);
         let port = opts.port.unwrap_or_else(free_port);
-        let logs = run_dir.parent().expect("parent").to_path_buf();
+        let logs = temp_dir("logs");
         let stderr_path = logs.join("stderr");
         let stdout_path = logs.join("stdout");
         let mut cmd = match opts.wrapper.split_first() {
