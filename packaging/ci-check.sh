@@ -1,0 +1,301 @@
+#!/usr/bin/env bash
+# Builds the Debian package and checks it as an operator uses it: lintian, the systemd
+# units (verify, security score, capability set), then on this machine dpkg -i, the
+# init script with two instances on loopback, the control shell as root and as a member
+# of group balance, reload, stop, dpkg -r and dpkg -P. Runs as root; changes the machine
+# (installs the package, deletes and recreates user balance) and leaves it as it found
+# it, user balance included. Prints "packaging: N passed, N failed" last.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work="$repo/target/pkg"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$work/cargo}"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "packaging/ci-check.sh: run as root (it installs the package)" >&2
+    exit 1
+fi
+if dpkg-query -W -f='${Status}' balance 2>/dev/null | grep -q 'installed\|config-files'; then
+    echo "packaging/ci-check.sh: package balance is already on this machine; purge it first" >&2
+    exit 1
+fi
+
+passed=0
+failed=0
+pass() { passed=$((passed + 1)); echo "ok: $*"; }
+fail() { failed=$((failed + 1)); echo "FAIL: $*"; }
+# check DESCRIPTION COMMAND...: runs COMMAND, counts the outcome.
+check() {
+    local what=$1
+    shift
+    if "$@"; then pass "$what"; else fail "$what"; fi
+}
+finish() {
+    echo "packaging: $passed passed, $failed failed"
+    [ "$failed" -eq 0 ]
+}
+fatal() {
+    fail "$*"
+    finish || exit 1
+}
+
+# --- tools -------------------------------------------------------------------------
+missing=()
+command -v dpkg-buildpackage >/dev/null || missing+=(dpkg-dev)
+command -v dh >/dev/null || missing+=(debhelper)
+command -v lintian >/dev/null || missing+=(lintian)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v setpriv >/dev/null || missing+=(util-linux)
+command -v adduser >/dev/null || missing+=(adduser)
+command -v python3 >/dev/null || missing+=(python3)
+command -v man >/dev/null || missing+=(man-db)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# --- processes started here are stopped by pid, whatever happens --------------------
+pids=()
+installed=no
+cleanup() {
+    set +e
+    if [ "$installed" = yes ]; then
+        /etc/init.d/balance stop >/dev/null 2>&1
+        dpkg -P balance >/dev/null 2>&1
+    fi
+    for f in "$work"/caps-run/*.pid; do
+        [ -e "$f" ] && kill "$(cat "$f")" 2>/dev/null
+    done
+    for p in "${pids[@]}"; do
+        [ "$p" -gt 1 ] 2>/dev/null && kill "$p" 2>/dev/null
+    done
+    # The other tests need the service user.
+    getent passwd balance >/dev/null ||
+        adduser --system --group --no-create-home --home /nonexistent balance >/dev/null
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_for SECONDS COMMAND...: polls COMMAND every 0.2 s until it succeeds or time is up.
+wait_for() {
+    local deadline=$((SECONDS + $1))
+    shift
+    until "$@"; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 0.2
+    done
+}
+
+# fetch PORT: prints the body of http://127.0.0.1:PORT/id (the backend's name).
+fetch() {
+    python3 - "$1" <<'PY'
+import sys, urllib.request
+with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/id", timeout=5) as r:
+    sys.stdout.write(r.read().decode().strip())
+PY
+}
+
+# gone PID: the process has exited (a zombie waiting for init to reap it counts).
+gone() {
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 0
+    [ -z "$state" ] || [ "$state" = Z ]
+}
+
+# --- versions ----------------------------------------------------------------------
+version=$(cd "$repo" && cargo pkgid --offline | sed 's/.*[#@]//')
+changelog_version=$(dpkg-parsechangelog -l "$repo/packaging/debian/changelog" -S Version)
+check "debian/changelog version $changelog_version is Cargo.toml's $version" \
+    [ "$changelog_version" = "$version" ]
+
+# --- build from a copy, so that build products stay out of the tree ----------------
+mkdir -p "$work"
+src="$work/src/balance"
+rm -rf "$work/src"
+mkdir -p "$src"
+tar -C "$repo" --exclude=./target --exclude=./.git -cf - . | tar -C "$src" -xf -
+echo "building the package (log: $work/build.log)"
+if ! (cd "$src" && dpkg-buildpackage -b -us -uc) >"$work/build.log" 2>&1; then
+    tail -n 30 "$work/build.log"
+    fatal "dpkg-buildpackage"
+fi
+deb="$work/src/balance_${version}_$(dpkg --print-architecture).deb"
+check "dpkg-buildpackage built $(basename "$deb")" test -f "$deb"
+[ -f "$deb" ] || fatal "no package to check"
+check "package version is $version" [ "$(dpkg-deb -f "$deb" Version)" = "$version" ]
+
+if lintian --fail-on error,warning --display-info "$deb" >"$work/lintian.log" 2>&1; then
+    pass "lintian: no errors or warnings"
+else
+    fail "lintian: no errors or warnings"
+fi
+cat "$work/lintian.log"
+
+# --- systemd units, against the packaged binary ------------------------------------
+root="$work/root"
+rm -rf "$root"
+dpkg-deb -x "$deb" "$root"
+binary="$root/usr/sbin/balance"
+units="$work/units"
+rm -rf "$units"
+mkdir -p "$units"
+unitdir="$root/lib/systemd/system"
+[ -d "$unitdir" ] || unitdir="$root/usr/lib/systemd/system"
+for u in balance.service balance@.service; do
+    sed "s#/usr/sbin/balance#$binary#g" "$unitdir/$u" >"$units/$u"
+done
+for u in balance@ci.service balance.service; do
+    if systemd-analyze verify --man=no "$units/$u" >"$work/verify.out" 2>"$work/verify.err" &&
+        [ ! -s "$work/verify.err" ]; then
+        pass "systemd-analyze verify $u: silent"
+    else
+        cat "$work/verify.err"
+        fail "systemd-analyze verify $u: silent"
+    fi
+    if systemd-analyze security --offline=true --threshold=35 "$units/$u" >"$work/security.out" 2>&1; then
+        pass "systemd-analyze security $u: $(grep -o 'exposure level.*' "$work/security.out")"
+    else
+        tail -n 3 "$work/security.out"
+        fail "systemd-analyze security $u at 3.5 or better"
+    fi
+done
+
+# The unit's bounding set is all the root bootstrap gets: two instances (the second
+# finds the run directory already given to user balance) must start and serve under it.
+caps=$(sed -n 's/^CapabilityBoundingSet=//p' "$units/balance@.service" |
+    tr '[:upper:]' '[:lower:]' | sed 's/cap_/+/g; s/ /,/g')
+caps_run="$work/caps-run"
+rm -rf "$caps_run"
+mkdir -p "$work/www/b1" "$work/www/b2"
+echo b1 >"$work/www/b1/id"
+echo b2 >"$work/www/b2/id"
+b1=$(free_port)
+b2=$(free_port)
+python3 -m http.server "$b1" --bind 127.0.0.1 --directory "$work/www/b1" >/dev/null 2>&1 &
+pids+=($!)
+python3 -m http.server "$b2" --bind 127.0.0.1 --directory "$work/www/b2" >/dev/null 2>&1 &
+pids+=($!)
+wait_for 10 fetch "$b1" >/dev/null || fatal "backend on 127.0.0.1:$b1"
+wait_for 10 fetch "$b2" >/dev/null || fatal "backend on 127.0.0.1:$b2"
+getent passwd balance >/dev/null ||
+    adduser --system --group --no-create-home --home /nonexistent balance >/dev/null
+for i in 1 2; do
+    port=$(free_port)
+    if setpriv --bounding-set "-all,$caps" --inh-caps -all --regid balance --clear-groups \
+        "$binary" --run-dir "$caps_run" --pidfile "$caps_run/$i.pid" "$port" "127.0.0.1:$b1" &&
+        [ "$(fetch "$port")" = b1 ]; then
+        pass "instance $i serves with only the unit's capabilities ($caps)"
+    else
+        fail "instance $i serves with only the unit's capabilities ($caps)"
+    fi
+done
+for f in "$caps_run"/*.pid; do
+    [ -e "$f" ] || continue
+    pid=$(cat "$f")
+    kill "$pid"
+    wait_for 15 gone "$pid" || fail "capability test instance $pid stops on SIGTERM"
+done
+rm -rf "$caps_run"
+
+# --- install on a machine without the service user ---------------------------------
+if getent passwd balance >/dev/null; then
+    wait_for 30 deluser --quiet --system balance ||
+        fatal "deluser balance (processes of user balance still running?)"
+fi
+getent group balance >/dev/null && delgroup --quiet --system balance
+check "user balance is gone before dpkg -i" bash -c '! getent passwd balance && ! getent group balance'
+
+installed=yes
+if dpkg -i "$deb" >"$work/dpkg-i.log" 2>&1; then
+    pass "dpkg -i"
+else
+    cat "$work/dpkg-i.log"
+    fatal "dpkg -i"
+fi
+check "postinst created system user balance, home /nonexistent, group balance" \
+    bash -c '[ "$(getent passwd balance | cut -d: -f4,6)" = "$(getent group balance | cut -d: -f3):/nonexistent" ] &&
+        [ "$(getent passwd balance | cut -d: -f3)" -lt 1000 ]'
+for f in /usr/sbin/balance /etc/init.d/balance /etc/default/balance \
+    /usr/share/man/man8/balance.8.gz; do
+    check "installed $f" test -e "$f"
+done
+check "installed the systemd units" test -e "${unitdir#"$root"}/balance@.service" -a \
+    -e "${unitdir#"$root"}/balance.service"
+check "man balance renders" bash -c 'man 8 balance 2>&1 | grep -q "CONTROL COMMANDS"'
+check "balance --version is $version" [ "$(/usr/sbin/balance --version)" = "balance $version" ]
+check "dpkg -i started nothing (policy-rc.d or empty BALANCE_INSTANCES)" test ! -e /run/balance
+
+# --- two instances through the init script -----------------------------------------
+p1=$(free_port)
+p2=$(free_port)
+cat >/etc/default/balance <<CONF
+BALANCE_INSTANCES="ci_rr ci_bound"
+BALANCE_ARGS_ci_rr="--workers 2 $p1 127.0.0.1:$b1 127.0.0.1:$b2"
+BALANCE_ARGS_ci_bound="-b 127.0.0.1 $p2 127.0.0.1:$b2"
+CONF
+check "service balance start" service balance start
+check "pidfiles /run/balance/ci_rr.pid and ci_bound.pid" \
+    test -s /run/balance/ci_rr.pid -a -s /run/balance/ci_bound.pid
+check "/run/balance is balance:balance 0750" \
+    [ "$(stat -c '%U:%G %a' /run/balance)" = "balance:balance 750" ]
+check "table files are root:balance 0640" bash -c "
+    [ \"\$(stat -c '%U:%G %a' /run/balance/balance.$p1.0.0.0.0 /run/balance/balance.$p2.127.0.0.1)\" = \
+      \"\$(printf 'root:balance 640\nroot:balance 640')\" ]"
+check "service balance status: running" service balance status
+sup1=$(cat /run/balance/ci_rr.pid 2>/dev/null || echo 0)
+sup2=$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)
+# Stopped by pid at exit should the init script fail to.
+pids+=("$sup1" "$sup2")
+check "service balance start again: no second daemon" service balance start
+seen="$(fetch "$p1" || true) $(fetch "$p1" || true)"
+check "round robin through port $p1 reaches both backends ($seen)" \
+    bash -c "[[ '$seen' == *b1* && '$seen' == *b2* ]]"
+check "traffic through 127.0.0.1:$p2 reaches backend b2" [ "$(fetch "$p2")" = b2 ]
+
+show_root=$(/usr/sbin/balance -c show "$p1" 2>&1) || true
+check "balance -c show $p1 as root lists both channels" \
+    bash -c "grep -q ' $b1 ' <<<'$show_root' && grep -q ' $b2 ' <<<'$show_root'"
+show_group=$(setpriv --reuid=nobody --regid=nogroup --groups=balance \
+    /usr/sbin/balance -b 127.0.0.1 -c show "$p2" 2>&1) || true
+check "balance -c show $p2 as a member of group balance" \
+    bash -c "grep -q ' $b2 ' <<<'$show_group'"
+check "balance -c disable as a member of group balance is refused" \
+    bash -c "! setpriv --reuid=nobody --regid=nogroup --groups=balance \
+        /usr/sbin/balance -c 'disable 0' $p1 >/dev/null 2>&1"
+check "balance -c show as user nobody without the group is refused" \
+    bash -c "! setpriv --reuid=nobody --regid=nogroup --clear-groups \
+        /usr/sbin/balance -c show $p1 >/dev/null 2>&1"
+
+# reload sends SIGHUP: the workers are replaced one by one, the supervisor stays.
+before=$(cat /run/balance/ci_rr.pid || true)
+check "service balance reload" service balance reload
+sleep 1
+check "reload keeps the supervisor" [ "$(cat /run/balance/ci_rr.pid 2>/dev/null)" = "$before" ]
+check "serving after reload" wait_for 10 fetch "$p1"
+check "service balance status after reload" service balance status
+
+check "service balance stop" service balance stop
+check "supervisors $sup1 and $sup2 are gone" wait_for 15 bash -c "
+    $(declare -f gone); gone $sup1 && gone $sup2"
+check "stop removed /run/balance" test ! -e /run/balance
+status=0
+service balance status >/dev/null 2>&1 || status=$?
+check "service balance status after stop: 3 (not running)" [ "$status" -eq 3 ]
+
+# --- removal -----------------------------------------------------------------------
+check "dpkg -r" dpkg -r balance
+check "dpkg -r removed /usr/sbin/balance" test ! -e /usr/sbin/balance
+check "dpkg -r kept the conffile /etc/default/balance" test -e /etc/default/balance
+check "dpkg -P" dpkg -P balance
+installed=no
+leftovers=$(ls -d /etc/balance* /etc/default/balance /etc/init.d/balance /etc/rc?.d/*balance \
+    /lib/systemd/system/balance* /usr/lib/systemd/system/balance* /etc/systemd/system/balance* \
+    /etc/systemd/system/*/balance* /var/lib/systemd/deb-systemd-helper-enabled/*balance* \
+    /var/lib/systemd/deb-systemd-helper-enabled/*/balance* /run/balance /usr/sbin/balance \
+    /usr/share/man/man8/balance.8.gz /usr/share/doc/balance 2>/dev/null || true)
+check "dpkg -P left nothing behind${leftovers:+: $leftovers}" [ -z "$leftovers" ]
+check "dpkg -P kept user and group balance" bash -c 'getent passwd balance && getent group balance' 
+
+finish
