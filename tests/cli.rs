@@ -1,0 +1,207 @@
+//! The command line through the real binary: the original's syntax, its exit codes and
+//! messages, and the limits (32 groups of 64 channels).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run balance")
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn usage_errors_exit_64_with_one_clear_message() {
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(o.stdout.is_empty(), "usage goes to stderr");
+    assert!(
+        stderr(&o).contains("Usage") || stderr(&o).contains("usage"),
+        "{}",
+        stderr(&o)
+    );
+    for (args, words) in [
+        (&["-x", "8000", "h"][..], "invalid option -- 'x'"),
+        (&["-t"][..], "option requires an argument -- 't'"),
+        (&["-t", "0", "8000", "h"][..], "-t"),
+        (&["-t", "abc", "8000", "h"][..], "-t"),
+        (&["-T", "-1", "8000", "h"][..], "-T"),
+        (&["-i"][..], "PORT"),
+        (&["-i", "8000", "h"][..], "PORT"),
+        (&["-c", "mrtg-bytes", "0", "0", "8000"][..], "PORT"),
+        (&["--workers", "0", "8000"][..], "--workers"),
+        (&["-b", "a/b", "8000"][..], "-b"),
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(words), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn ports_and_channels_are_validated_with_the_originals_codes() {
+    for (args, code, message) in [
+        (&["-f", "abc", "h"][..], 64, "invalid port [abc], exiting."),
+        (&["-f", "0", "h"][..], 64, "invalid port [0], exiting."),
+        (
+            &["-f", "70000", "h"][..],
+            64,
+            "invalid port [70000], exiting.",
+        ),
+        (&["-f", "8000", "h:70000"][..], 64, "invalid port [70000]"),
+        (
+            &["-f", "8000", "!", "h"][..],
+            69,
+            "balance: no channels in group",
+        ),
+        (
+            &["-f", "8000", "h", "!", "!", "h"][..],
+            69,
+            "balance: no channels in group",
+        ),
+        (
+            &["-f", "8000", "%", "h"][..],
+            69,
+            "balance: no channels in group",
+        ),
+        (&["-f", "8000", "[]"][..], 65, "unknown or invalid address"),
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(message), "{args:?}: {}", stderr(&o));
+    }
+    let mut too_many_groups = vec!["-f", "8000"];
+    for _ in 0..33 {
+        too_many_groups.extend(["h", "!"]);
+    }
+    too_many_groups.push("h");
+    let o = run(&too_many_groups);
+    assert_eq!(o.status.code(), Some(69));
+    assert!(stderr(&o).contains("balance: too many groups"));
+    let mut too_many_channels = vec!["-f", "8000"];
+    too_many_channels.extend(std::iter::repeat_n("h", 65));
+    let o = run(&too_many_channels);
+    assert_eq!(o.status.code(), Some(69));
+    assert!(stderr(&o).contains("balance: too many channels in one group"));
+}
+
+#[test]
+fn help_and_version() {
+    let o = run(&["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&o.stdout);
+    for option in [
+        "-a", "-b", "-B", "-c", "-d", "-f", "-H", "-i", "-M", "-p", "-t", "-T", "-6",
+    ] {
+        assert!(
+            help.contains(&format!("  {option} ")),
+            "{option} documented"
+        );
+    }
+    for long in [
+        "--user",
+        "--workers",
+        "--pidfile",
+        "--run-dir",
+        "--control-group",
+    ] {
+        assert!(help.contains(long), "{long} documented");
+    }
+    let o = run(&["--version"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("balance {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn thirty_two_groups_of_sixty_four_channels() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let mut operands = Vec::new();
+    for g in 0..32 {
+        if g > 0 {
+            operands.push("!".to_string());
+        }
+        for _ in 0..64 {
+            operands.push(backend.operand());
+        }
+    }
+    let b = Balance::start(&[], &operands);
+    let (_f, t) = table(&b.table_path());
+    let snap = t.snapshot().expect("snapshot");
+    assert_eq!(snap.groups.len(), 32);
+    assert!(snap.groups.iter().all(|g| g.channels.len() == 64));
+    assert_eq!(greeting(b.addr()), "B1");
+    let show = b.control("show");
+    assert_eq!(
+        String::from_utf8_lossy(&show.stdout).lines().count(),
+        1 + 32 * 64
+    );
+}
+
+#[test]
+fn bundled_flags_options_after_operands_and_service_names() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let dir = temp_dir("cli");
+    let run_dir = dir.join("run");
+    let port = free_port();
+    // Options after the operands (GNU permutation), bundled -fd, a service name as the
+    // channel port, and a channel whose port defaults to the listen port.
+    let mut child = Command::new(BIN)
+        .arg(port.to_string())
+        .arg(backend.operand())
+        .arg("127.0.0.1:ssh")
+        .arg("127.0.0.1::5")
+        .args(["-fd", "-b", "127.0.0.1", "--workers", "1", "--run-dir"])
+        .arg(&run_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let table_path = run_dir.join(format!("balance.{port}.127.0.0.1"));
+    let up = wait_until(Duration::from_secs(10), || {
+        table_path.exists() && worker_pids(pid).len() == 1
+    });
+    let ports: Vec<(u16, i32)> = if up {
+        let (_f, t) = table(&table_path);
+        t.snapshot()
+            .map(|s| {
+                s.groups[0]
+                    .channels
+                    .iter()
+                    .map(|c| (c.addr.map_or(0, |a| a.port()), c.maxc))
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let still_foreground = child.try_wait().ok().flatten().is_none();
+    signal(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+    assert!(up, "started");
+    assert!(
+        still_foreground,
+        "-fd after the operands kept it in the foreground"
+    );
+    assert_eq!(ports, vec![(backend.port(), 0), (22, 0), (port, 5)]);
+}
