@@ -124,6 +124,37 @@ fn show_and_mrtg_after_traffic() {
         json.contains("\"channel\":0,\"enabled\":true,\"address\":\"127.0.0.1\""),
         "{json}"
     );
+    // --json on the command line makes show print JSON too.
+    let o = Command::new(BIN)
+        .arg("--run-dir")
+        .arg(&b.run_dir)
+        .args([
+            "-b",
+            "127.0.0.1",
+            "--json",
+            "-c",
+            "show",
+            &b.port.to_string(),
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(stdout(&o), json);
+    assert_eq!(
+        control_ok(&b, "stats"),
+        format!(
+            "supervisor pid {}\ngroups 1, channels 3 (3 enabled)\n\
+             connections: 0 open, 4 in total\nbytes: 28 sent, 40 received\n",
+            b.pid
+        )
+    );
+    assert_eq!(
+        control_ok(&b, "stats json"),
+        format!(
+            "{{\"supervisor_pid\":{},\"groups\":1,\"channels\":3,\"enabled\":3,\
+             \"current\":0,\"total\":4,\"sent\":28,\"received\":40}}\n",
+            b.pid
+        )
+    );
     let version = control_ok(&b, "version");
     assert!(
         version.contains("\n  MAXGROUPS=32\n  MAXCHANNELS=64\n"),

@@ -17,7 +17,7 @@ const KILL_POLL: Duration = Duration::from_millis(50);
 
 /// Command names in the original's matching order: a typed word selects the first name it
 /// is a prefix of, so `k` is kill and `r` is reset, as users of the original expect.
-const NAMES: [&str; 17] = [
+const NAMES: [&str; 18] = [
     "quit",
     "show",
     "help",
@@ -35,6 +35,8 @@ const NAMES: [&str; 17] = [
     "version",
     "hash",
     "rr",
+    // Ours, last, so that no abbreviation of the original's commands changes meaning.
+    "stats",
 ];
 
 /// One parsed command line. Channel and group numbers stay as typed (signed) until they are
@@ -75,6 +77,9 @@ pub enum Command {
     Version,
     Hash,
     RoundRobin,
+    Stats {
+        json: bool,
+    },
 }
 
 /// Why a line is not a command; the text is what the original printed.
@@ -114,6 +119,8 @@ impl Command {
             ("quit", []) => Command::Quit,
             ("show", []) => Command::Show { json: false },
             ("show", ["json"]) => Command::Show { json: true },
+            ("stats", []) => Command::Stats { json: false },
+            ("stats", ["json"]) => Command::Stats { json: true },
             ("help" | "?", []) => Command::Help,
             ("kill", []) => Command::Kill,
             ("disable", [n]) => Command::Disable(number(n)?),
@@ -182,6 +189,7 @@ impl Command {
             Command::Version => "version",
             Command::Hash => "hash",
             Command::RoundRobin => "rr",
+            Command::Stats { .. } => "stats",
         }
     }
 
@@ -254,6 +262,14 @@ impl Session<'_> {
             Command::Quit => Ok(Reply::quit(String::new())),
             Command::Help => Ok(Reply::text(format::HELP)),
             Command::Version => Ok(Reply::text(format::version())),
+            Command::Stats { json } => {
+                let snap = self.snapshot()?;
+                Ok(Reply::text(if json || self.json {
+                    format::stats_json(self.table, &snap)
+                } else {
+                    format::stats(self.table, &snap)
+                }))
+            }
             Command::Show { json } => {
                 let snap = self.snapshot()?;
                 Ok(Reply::text(if json || self.json {

@@ -133,6 +133,69 @@ pub fn show_json(table: &Table, snap: &Snapshot) -> String {
     out
 }
 
+/// Totals over every channel, for `stats`.
+struct Totals {
+    groups: usize,
+    channels: usize,
+    enabled: usize,
+    current: u64,
+    total: u64,
+    sent: u64,
+    received: u64,
+}
+
+fn totals(table: &Table, snap: &Snapshot) -> Totals {
+    let mut t = Totals {
+        groups: 0,
+        channels: 0,
+        enabled: 0,
+        current: 0,
+        total: 0,
+        sent: 0,
+        received: 0,
+    };
+    for (g, group) in snap.groups.iter().enumerate() {
+        if group.channels.is_empty() {
+            continue;
+        }
+        t.groups += 1;
+        for (c, ch) in group.channels.iter().enumerate() {
+            let n = counters(table.channel(g, c));
+            t.channels += 1;
+            t.enabled += usize::from(ch.enabled);
+            t.current += u64::from(n.current);
+            t.total += n.total;
+            t.sent += n.sent;
+            t.received += n.received;
+        }
+    }
+    t
+}
+
+/// `stats`: the whole instance at a glance.
+pub fn stats(table: &Table, snap: &Snapshot) -> String {
+    let t = totals(table, snap);
+    let pid = table.header().supervisor_pid.load(Ordering::Relaxed);
+    format!(
+        "supervisor pid {pid}\n\
+         groups {}, channels {} ({} enabled)\n\
+         connections: {} open, {} in total\n\
+         bytes: {} sent, {} received\n",
+        t.groups, t.channels, t.enabled, t.current, t.total, t.sent, t.received
+    )
+}
+
+/// `stats json`: the same as one JSON object on one line.
+pub fn stats_json(table: &Table, snap: &Snapshot) -> String {
+    let t = totals(table, snap);
+    let pid = table.header().supervisor_pid.load(Ordering::Relaxed);
+    format!(
+        "{{\"supervisor_pid\":{pid},\"groups\":{},\"channels\":{},\"enabled\":{},\
+         \"current\":{},\"total\":{},\"sent\":{},\"received\":{}}}\n",
+        t.groups, t.channels, t.enabled, t.current, t.total, t.sent, t.received
+    )
+}
+
 /// `mrtg-bytes`: MRTG's external-script answer: incoming (backend → client), outgoing,
 /// uptime and name (the original prints UNKNOWN for uptime).
 pub fn mrtg_bytes(table: &Table, g: usize, c: usize) -> String {
@@ -183,6 +246,7 @@ Commands act on the current group (see `group`); <ch> is a channel number in it.
 Any leading part of a command name will do, first match in this list's original order
 (so `s` is show, `k` is kill, `r` is reset, `ha` is hash).
   show [json]               every channel of every group, with state and counters
+  stats [json]              totals: channels, open and total connections, bytes
   group <g>                 make <g> the current group (shown in the prompt)
   enable <ch>               give new connections to <ch> again
   disable <ch>              stop giving new connections to <ch>; open ones carry on
@@ -199,5 +263,6 @@ Any leading part of a command name will do, first match in this list's original 
   help, ?                   this list
   quit                      leave the shell
 <host> may carry the port (host:port, [v6-address]:port); then <port> can be left out.
-Without write access to the table only show, group, mrtg-*, version, help and quit work.
+Without write access to the table only show, stats, group, mrtg-*, version, help and
+quit work.
 ";
