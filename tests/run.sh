@@ -29,3 +29,7 @@ cargo test --all-targets
 # The real workers under the real seccomp policy in an optimised build too: std and tokio
 # make different system calls in debug and release.
 cargo test --release --test sandbox --test select --test relay --test supervisor
+bash fuzz/run.sh
+# Syslog end to end, with Debian's rsyslog started by hand.
+bash tests/rsyslog-e2e.sh
+bash packaging/ci-check.sh
