@@ -211,7 +211,7 @@ pub struct InitialGroup {
 #[derive(Debug)]
 pub enum TableError {
     Io(io::Error),
-    TooSmall { size: u64 },
+    WrongSize { size: u64 },
     WrongMagic,
     Incompatible { version: u32 },
     NotReady,
@@ -222,9 +222,13 @@ impl std::fmt::Display for TableError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TableError::Io(e) => write!(f, "{e}"),
-            TableError::TooSmall { size } => write!(
+            TableError::WrongSize { size } => write!(
                 f,
                 "table file has {size} bytes, expected {TABLE_SIZE}: not a balance table"
+            ),
+            TableError::Incompatible { version } if *version == LAYOUT_VERSION => write!(
+                f,
+                "incompatible table layout: made for other sizes or limits than this balance's"
             ),
             TableError::WrongMagic => write!(f, "not a balance table (wrong magic number)"),
             TableError::Incompatible { version } => write!(
@@ -299,8 +303,8 @@ impl Table {
     /// Maps an existing table and checks its header.
     pub fn open(file: &File, writable: bool) -> Result<Table, TableError> {
         let size = file.metadata()?.len();
-        if size < TABLE_SIZE as u64 {
-            return Err(TableError::TooSmall { size });
+        if size != TABLE_SIZE as u64 {
+            return Err(TableError::WrongSize { size });
         }
         let table = Table {
             map: Mapping::map(file.as_fd(), TABLE_SIZE, writable)?,
@@ -643,8 +647,19 @@ fn store_addr(ch: &Channel, addr: SocketAddr) {
     ch.port.store(u32::from(addr.port()), Ordering::Relaxed);
 }
 
-/// The channel's address, or None when the stored family or port is not valid.
+/// The channel's address, or None when the stored family, port or address is not one a
+/// channel can have (no port 0, no unspecified, multicast or broadcast address).
 fn load_addr(ch: &Channel) -> Option<SocketAddr> {
+    let addr = load_raw_addr(ch)?;
+    let ip = addr.ip();
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_unspecified() || ip.is_multicast() || broadcast {
+        return None;
+    }
+    Some(addr)
+}
+
+fn load_raw_addr(ch: &Channel) -> Option<SocketAddr> {
     let port = u16::try_from(ch.port.load(Ordering::Relaxed)).ok()?;
     if port == 0 {
         return None;
@@ -778,7 +793,7 @@ mod tests {
         file.set_len(100).expect("truncate");
         assert!(matches!(
             Table::open(&file, false),
-            Err(TableError::TooSmall { size: 100 })
+            Err(TableError::WrongSize { size: 100 })
         ));
     }
 
@@ -828,6 +843,21 @@ mod tests {
         assert_eq!(snap.groups[0].channels.len(), MAX_CHANNELS);
         assert_eq!(snap.groups[0].kind, GroupKind::RoundRobin);
         assert!(snap.groups[0].channels.iter().all(|c| c.addr.is_none()));
+        // Addresses no channel can have are refused too.
+        for bad in [
+            "0.0.0.0:80",
+            "255.255.255.255:80",
+            "224.0.0.1:80",
+            "[::]:80",
+            "[ff02::1]:80",
+        ] {
+            store_addr(&l.channels[0][0], addr(bad));
+            let snap = table.snapshot().expect("snapshot");
+            assert_eq!(snap.groups[0].channels[0].addr, None, "{bad}");
+        }
+        store_addr(&l.channels[0][0], addr("10.0.0.1:80"));
+        let snap = table.snapshot().expect("snapshot");
+        assert_eq!(snap.groups[0].channels[0].addr, Some(addr("10.0.0.1:80")));
     }
 
     #[test]

@@ -261,7 +261,7 @@ fn report_access(e: &AccessError, path: &Path, control_group: &str) -> u8 {
             eprintln!("balance: {path}: {e}; is this the balance that started the daemon?");
             EX_DATAERR
         }
-        AccessError::Table(e @ TableError::TooSmall { .. }) => {
+        AccessError::Table(e @ TableError::WrongSize { .. }) => {
             eprintln!("balance: {path}: {e}");
             EX_DATAERR
         }
