@@ -23,24 +23,30 @@ fn echo_rounds(conn: &mut TcpStream, rounds: usize, pause: Duration) {
     }
 }
 
-/// The worker process serving `conn`'s connection (the one holding its socket).
-fn worker_serving(b: &Balance, backend: &Backend) -> u32 {
+/// `ss` lines of the established connections to `backend`, with their processes.
+fn backend_connections(backend: &Backend) -> String {
     let out = std::process::Command::new("ss")
-        .args([
-            "-tnpH",
-            "state",
-            "established",
-            "dport",
-            "=",
-            &format!(":{}", backend.port()),
-        ])
+        .args(["-tnpH", "state", "established", "dport", "="])
+        .arg(format!(":{}", backend.port()))
         .output()
         .expect("ss");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A worker holding a connection to `backend`.
+fn worker_serving(b: &Balance, backend: &Backend) -> u32 {
+    let text = backend_connections(backend);
     b.workers()
         .into_iter()
         .find(|w| text.contains(&format!("pid={w},")))
         .unwrap_or_else(|| panic!("no worker holds the backend connection: {text}"))
+}
+
+/// Backend connections held by one worker.
+fn worker_serving_count(worker: u32, backend: &Backend) -> usize {
+    backend_connections(backend)
+        .matches(&format!("pid={worker},"))
+        .count()
 }
 
 #[test]
@@ -62,7 +68,7 @@ fn crashed_workers_are_replaced_and_others_keep_streaming() {
         // A held connection on the victim, to see its count folded away.
         let (victim_conn, victim_tag) = loop {
             let (conn, tag) = hold(b.addr());
-            if worker_serving_count(&b, victim, &backend) > 0 {
+            if worker_serving_count(victim, &backend) > 0 {
                 break (conn, tag);
             }
         };
@@ -99,25 +105,6 @@ fn crashed_workers_are_replaced_and_others_keep_streaming() {
         echo_rounds(&mut stream, 5, Duration::from_millis(20));
         assert_eq!(greeting(b.addr()), "B1", "new connections succeed");
     }
-}
-
-/// Backend connections held by one worker.
-fn worker_serving_count(b: &Balance, worker: u32, backend: &Backend) -> usize {
-    let _ = b;
-    let out = std::process::Command::new("ss")
-        .args([
-            "-tnpH",
-            "state",
-            "established",
-            "dport",
-            "=",
-            &format!(":{}", backend.port()),
-        ])
-        .output()
-        .expect("ss");
-    String::from_utf8_lossy(&out.stdout)
-        .matches(&format!("pid={worker},"))
-        .count()
 }
 
 #[test]
@@ -188,20 +175,7 @@ fn a_pool_that_cannot_run_ends_balance_with_an_error() {
         wrapper: &["prlimit", "--nproc=4:4", "--"],
         ..Start::default()
     });
-    let mut fillers: Vec<std::process::Child> = (0..3)
-        .map(|_| {
-            std::process::Command::new("setpriv")
-                .args([
-                    "--reuid=nobody",
-                    "--regid=nogroup",
-                    "--clear-groups",
-                    "sleep",
-                    "30",
-                ])
-                .spawn()
-                .expect("spawn filler")
-        })
-        .collect();
+    let _fillers = Fillers::exhaust("nobody", "nogroup", 3);
     for w in b.workers() {
         signal(w, Signal::SIGKILL);
     }
@@ -216,10 +190,6 @@ fn a_pool_that_cannot_run_ends_balance_with_an_error() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    for f in &mut fillers {
-        let _ = f.kill();
-        let _ = f.wait();
-    }
     assert_eq!(status.and_then(|s| s.code()), Some(70), "balance gives up");
     let err = b.stderr();
     assert!(err.contains("not restarting it"), "{err}");

@@ -197,39 +197,12 @@ fn crash_budget_exhaustion_is_critical() {
         wrapper: &["prlimit", "--nproc=4:4", "--"],
         ..Start::default()
     });
-    let _fillers = Fillers(
-        (0..3)
-            .map(|_| {
-                Command::new("setpriv")
-                    .args([
-                        "--reuid=nobody",
-                        "--regid=nogroup",
-                        "--clear-groups",
-                        "sleep",
-                        "30",
-                    ])
-                    .spawn()
-                    .expect("filler")
-            })
-            .collect(),
-    );
+    let _fillers = Fillers::exhaust("nobody", "nogroup", 3);
     for w in b.workers() {
         signal(w, Signal::SIGKILL);
     }
     rx.expect(DAEMON_CRIT, &["not restarting it"]);
     rx.expect(DAEMON_CRIT, &["stopped: no worker could run"]);
-}
-
-/// Processes of the service user that use up its process limit; killed by pid on drop.
-struct Fillers(Vec<std::process::Child>);
-
-impl Drop for Fillers {
-    fn drop(&mut self) {
-        for f in &mut self.0 {
-            let _ = f.kill();
-            let _ = f.wait();
-        }
-    }
 }
 
 #[test]

@@ -527,3 +527,33 @@ pub fn counters(path: &Path, g: usize, c: usize) -> (u32, u64, u64, u64) {
         ch.received.load(Ordering::Relaxed),
     )
 }
+
+/// Idle processes of one user, to use up that user's process limit (RLIMIT_NPROC counts
+/// every process of the user); killed and reaped by pid when dropped.
+pub struct Fillers(Vec<Child>);
+
+impl Fillers {
+    pub fn exhaust(user: &str, group: &str, n: usize) -> Fillers {
+        Fillers(
+            (0..n)
+                .map(|_| {
+                    Command::new("setpriv")
+                        .arg(format!("--reuid={user}"))
+                        .arg(format!("--regid={group}"))
+                        .args(["--clear-groups", "sleep", "30"])
+                        .spawn()
+                        .expect("spawn filler")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Fillers {
+    fn drop(&mut self) {
+        for f in &mut self.0 {
+            let _ = f.kill();
+            let _ = f.wait();
+        }
+    }
+}
