@@ -30,6 +30,8 @@ cargo test --all-targets
 # make different system calls in debug and release.
 cargo test --release --test sandbox --test select --test relay --test supervisor
 bash fuzz/run.sh
+# A short benchmark against HAProxy: checks that the harness works, not the targets.
+BALANCE=target/release/balance bash bench/run --smoke
 # Syslog end to end, with Debian's rsyslog started by hand.
 bash tests/rsyslog-e2e.sh
 bash packaging/ci-check.sh
