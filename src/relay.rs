@@ -123,21 +123,20 @@ pub async fn relay(
             pump_splice(backend, client, (received, &down_bytes), &activity, pipes).await
         }
     };
-    let both = async { tokio::try_join!(up, down) };
-    let finished = async {
-        match both.await {
-            Ok(_) => Ending::Closed,
-            Err(e) => Ending::Error(e),
+    let idle_expired = async {
+        match idle {
+            Some(limit) => idle_expiry(&activity, limit).await,
+            None => std::future::pending().await,
         }
     };
-    let ending = match idle {
-        None => finished.await,
-        Some(limit) => {
-            tokio::select! {
-                ending = finished => ending,
-                () = idle_expiry(&activity, limit) => Ending::IdleTimeout,
-            }
-        }
+    // One select over everything, so that the pumps' state is stored once (this future is
+    // what an idle connection costs).
+    let ending = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => match r {
+            Ok(_) => Ending::Closed,
+            Err(e) => Ending::Error(e),
+        },
+        () = idle_expired => Ending::IdleTimeout,
     };
     Outcome {
         ending,
