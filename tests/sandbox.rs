@@ -31,6 +31,10 @@ fn main() {
         ("connect only to channel ports", landlock_connect),
         ("bind only to port 0", landlock_bind),
         ("allowed calls keep working", allowed_calls),
+        (
+            "a kernel without landlock: one warning, still serving",
+            without_landlock,
+        ),
     ];
     let mut failed = 0;
     for (name, case) in cases {
@@ -224,4 +228,86 @@ fn probe_allowed(runtime: &tokio::runtime::Runtime) -> bool {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     });
     v.iter().all(|b| *b == 7)
+}
+
+/// Runs the real daemon in a process where `landlock_create_ruleset` fails with ENOSYS, as
+/// on a kernel without landlock: it must serve anyway, with seccomp, and warn once.
+fn without_landlock() -> Result<(), String> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+
+    let backend = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let backend_port = backend.local_addr().map_err(|e| e.to_string())?.port();
+    std::thread::spawn(move || {
+        for mut conn in backend.incoming().flatten().take(16) {
+            let _ = conn.write_all(b"B1\n");
+        }
+    });
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let run_dir = std::env::temp_dir().join(format!("balance-nolandlock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let stderr_path =
+        std::env::temp_dir().join(format!("balance-nolandlock-{}.err", std::process::id()));
+    let stderr = std::fs::File::create(&stderr_path).map_err(|e| e.to_string())?;
+    let filter: seccompiler::BpfProgram = seccompiler::SeccompFilter::new(
+        [(libc::SYS_landlock_create_ruleset, vec![])]
+            .into_iter()
+            .collect(),
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
+        std::env::consts::ARCH
+            .try_into()
+            .map_err(|e| format!("{e:?}"))?,
+    )
+    .and_then(TryInto::try_into)
+    .map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_balance"));
+    cmd.args(["-f", "--workers", "2", "--run-dir"])
+        .arg(&run_dir)
+        .args([
+            "-b",
+            "127.0.0.1",
+            &port.to_string(),
+            &format!("127.0.0.1:{backend_port}"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(stderr);
+    // SAFETY: between fork and exec the closure only makes the prctl and seccomp system
+    // calls on a filter compiled beforehand; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || seccompiler::apply_filter(&filter).map_err(std::io::Error::other));
+    }
+    let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut served = false;
+    while Instant::now() < deadline && !served {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Ok(conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut line = String::new();
+            let _ = BufReader::new(conn).read_line(&mut line);
+            served = line == "B1\n";
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&stderr_path);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let warnings = log.matches("landlock not available").count();
+    if served && warnings == 1 && status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "served {served}, {warnings} landlock warnings, status {status:?}; stderr:\n{log}"
+        ))
+    }
 }
