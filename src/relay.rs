@@ -6,11 +6,15 @@
 //! and the reverse direction keeps flowing), bytes are counted per chunk with relaxed atomics,
 //! and an optional idle timeout ends a connection on which nothing moved in either direction.
 //!
-//! Bytes move with `splice(2)` through a pipe, so they never enter user space. A direction
-//! takes a pipe from the worker's [`Pipes`] pool only when data is ready and gives it back
-//! once the pipe is drained and the source has nothing more: an idle connection holds no
-//! pipe and no buffer. Because the pipe is always drained before the next read, a read that
-//! would block means "socket empty", never "pipe full".
+//! Small messages (requests, replies, protocol chatter) are read into the worker's one
+//! scratch buffer and written on at once: two system calls per message, and a read shorter
+//! than the buffer is taken to mean the socket is empty, which saves the read that would only
+//! say so. Once a read fills the buffer the direction is bulk, and from then on moves with
+//! `splice(2)` through a pipe, so the bytes never enter user space. A pipe comes from the
+//! worker's pool only when data is ready and goes back once drained; because it is always
+//! drained before the next read, a splice that would block means "socket empty", never "pipe
+//! full". An idle connection holds no pipe and no buffer: only a write that the peer cannot
+//! take at once leaves its rest in a buffer of the connection's own until it is written.
 //!
 //! With `-p`, data goes through a user-space buffer instead, so that every read can also be
 //! written to stdout in the original's packet-dump format.
@@ -22,33 +26,52 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use nix::sys::socket::MsgFlags;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Largest user-space read (`-p` only).
 const CHUNK: usize = 32 * 1024;
-/// Largest splice into a pipe: the default pipe capacity.
-const SPLICE_CHUNK: usize = 64 * 1024;
+/// The pipe size asked for (the default is 64 KiB): fewer splices per byte in bulk.
+/// Best effort: past the user's pipe-buffer quota the kernel keeps the default.
+const PIPE_SIZE: i32 = 256 * 1024;
+const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 /// Pipes kept for reuse per worker; more are closed when given back.
 const POOL_LIMIT: usize = 256;
 
-/// A pipe for splicing: (read end, write end).
-struct Pipe(OwnedFd, OwnedFd);
+/// A pipe for splicing: read end, write end, capacity in bytes.
+struct Pipe(OwnedFd, OwnedFd, usize);
 
-/// The worker's spare pipes.
-#[derive(Default)]
-pub struct Pipes {
+/// Size of the worker's scratch buffer; a read that fills it makes the direction bulk.
+const SCRATCH: usize = 16 * 1024;
+
+/// What the worker lends its connections: spare pipes and the scratch buffer.
+pub struct Spares {
     free: RefCell<Vec<Pipe>>,
+    scratch: RefCell<Box<[u8]>>,
 }
 
-impl Pipes {
+impl Default for Spares {
+    fn default() -> Spares {
+        Spares {
+            free: RefCell::new(Vec::new()),
+            scratch: RefCell::new(vec![0; SCRATCH].into_boxed_slice()),
+        }
+    }
+}
+
+impl Spares {
     fn take(&self) -> io::Result<Pipe> {
         if let Some(p) = self.free.borrow_mut().pop() {
             return Ok(p);
         }
         let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        Ok(Pipe(r, w))
+        let size = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE))
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(DEFAULT_PIPE_SIZE);
+        Ok(Pipe(r, w, size))
     }
 
     /// Returns an empty pipe for reuse.
@@ -90,23 +113,38 @@ pub struct Outcome {
     pub down: u64,
 }
 
-/// Relays until both directions are done, one fails, or the idle timeout expires. `pipes`
-/// is the worker's pool for the splice path; `dump` (`-p`) selects the copying path.
+/// Relays until both directions are done, one fails, or the idle timeout expires. `spares`
+/// are the worker's pipes and scratch buffer; `dump` (`-p`) selects the dumping path.
 pub async fn relay(
     client: &TcpStream,
     backend: &TcpStream,
     (sent, received): (&AtomicU64, &AtomicU64),
     idle: Option<Duration>,
     dump: bool,
-    pipes: &Pipes,
+    spares: &Spares,
 ) -> Outcome {
     let activity = Cell::new(Instant::now());
+    let ended = Cell::new(false);
     let (up_bytes, down_bytes) = (Cell::new(0u64), Cell::new(0u64));
     let up = async {
         if dump {
-            pump(client, backend, (sent, &up_bytes), &activity, Direction::Up).await
+            pump(
+                client,
+                backend,
+                (sent, &up_bytes),
+                (&activity, &ended),
+                Direction::Up,
+            )
+            .await
         } else {
-            pump_splice(client, backend, (sent, &up_bytes), &activity, pipes).await
+            pump_auto(
+                client,
+                backend,
+                (sent, &up_bytes),
+                (&activity, &ended),
+                spares,
+            )
+            .await
         }
     };
     let down = async {
@@ -115,12 +153,19 @@ pub async fn relay(
                 backend,
                 client,
                 (received, &down_bytes),
-                &activity,
+                (&activity, &ended),
                 Direction::Down,
             )
             .await
         } else {
-            pump_splice(backend, client, (received, &down_bytes), &activity, pipes).await
+            pump_auto(
+                backend,
+                client,
+                (received, &down_bytes),
+                (&activity, &ended),
+                spares,
+            )
+            .await
         }
     };
     let idle_expired = async {
@@ -156,54 +201,144 @@ async fn idle_expiry(activity: &Cell<Instant>, limit: Duration) {
     }
 }
 
-/// Splices one direction until EOF (then half-closes `dst`) or an error.
-async fn pump_splice(
+/// Passes an EOF on: `dst` gets `shutdown(SHUT_WR)`, because the peer may still answer on
+/// the other direction. When the other direction has ended already, both sockets are about
+/// to be closed, which sends the FIN anyway: one system call saved per connection.
+fn half_close(dst: &TcpStream, ended: &Cell<bool>) {
+    if !ended.replace(true) {
+        let _ = nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+    }
+}
+
+/// What one step of a direction did.
+enum Step {
+    /// The readiness was stale: nothing to read.
+    Nothing,
+    Eof,
+    /// Moved this many bytes; `full`: the read filled the scratch buffer (bulk).
+    Moved {
+        n: usize,
+        full: bool,
+    },
+}
+
+/// Relays one direction until EOF (then half-closes `dst`) or an error: small messages
+/// through the scratch buffer, bulk with splice.
+async fn pump_auto(
     src: &TcpStream,
     dst: &TcpStream,
     (counter, local): (&AtomicU64, &Cell<u64>),
-    activity: &Cell<Instant>,
-    pipes: &Pipes,
+    (activity, ended): (&Cell<Instant>, &Cell<bool>),
+    spares: &Spares,
 ) -> io::Result<()> {
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut bulk = false;
     loop {
         src.readable().await?;
-        let pipe = pipes.take()?;
-        // Returning WouldBlock from inside try_io clears the cached readiness.
-        let read = src.try_io(Interest::READABLE, || {
-            splice(src, None, &pipe.1, None, SPLICE_CHUNK, flags).map_err(io::Error::from)
-        });
-        let n = match read {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                pipes.give_back(pipe);
-                continue;
-            }
-            Err(e) => return Err(e),
+        let step = if bulk {
+            splice_once(src, dst, spares).await?
+        } else {
+            copy_once(src, dst, spares).await?
         };
-        if n == 0 {
-            pipes.give_back(pipe);
-            // Half-close: the peer may still answer on the other direction.
-            let _ = nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write);
-            return Ok(());
+        match step {
+            Step::Nothing => continue,
+            Step::Eof => {
+                half_close(dst, ended);
+                return Ok(());
+            }
+            Step::Moved { n, full } => {
+                bulk |= full;
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+                local.set(local.get() + n as u64);
+                activity.set(Instant::now());
+            }
         }
-        let mut left = n;
-        while left > 0 {
-            dst.writable().await?;
-            let written = dst.try_io(Interest::WRITABLE, || {
-                splice(&pipe.0, None, dst, None, left, flags).map_err(io::Error::from)
-            });
-            match written {
-                Ok(k) => left -= k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                // The pipe may still hold data: it is dropped, not pooled.
+    }
+}
+
+/// Reads what `src` has into the scratch buffer and writes it to `dst`.
+async fn copy_once(src: &TcpStream, dst: &TcpStream, spares: &Spares) -> io::Result<Step> {
+    let drained = Cell::new(None);
+    // Returning WouldBlock from inside try_io clears the cached readiness (unless an event
+    // arrived meanwhile): done after a short read, which emptied the socket.
+    let read = src.try_io(Interest::READABLE, || {
+        let mut buf = spares.scratch.borrow_mut();
+        let n = nix::sys::socket::recv(src.as_raw_fd(), &mut buf, MsgFlags::empty())
+            .map_err(io::Error::from)?;
+        if n > 0 && n < buf.len() {
+            drained.set(Some(n));
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    let n = match read {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => match drained.get() {
+            Some(n) => n,
+            None => return Ok(Step::Nothing),
+        },
+        Err(e) => return Err(e),
+    };
+    if n == 0 {
+        return Ok(Step::Eof);
+    }
+    // Write what the peer takes now; keep only the rest, in the connection's own buffer.
+    let rest = {
+        let buf = spares.scratch.borrow();
+        let mut off = 0;
+        while off < n {
+            match dst.try_write(&buf[off..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => off += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
         }
-        pipes.give_back(pipe);
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        local.set(local.get() + n as u64);
-        activity.set(Instant::now());
+        (off < n).then(|| buf[off..n].to_vec())
+    };
+    if let Some(rest) = rest {
+        write_all(dst, &rest).await?;
     }
+    Ok(Step::Moved {
+        n,
+        full: n == SCRATCH,
+    })
+}
+
+/// Moves one pipe's worth from `src` to `dst` with splice.
+async fn splice_once(src: &TcpStream, dst: &TcpStream, spares: &Spares) -> io::Result<Step> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let pipe = spares.take()?;
+    // Returning WouldBlock from inside try_io clears the cached readiness.
+    let read = src.try_io(Interest::READABLE, || {
+        splice(src, None, &pipe.1, None, pipe.2, flags).map_err(io::Error::from)
+    });
+    let n = match read {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            spares.give_back(pipe);
+            return Ok(Step::Nothing);
+        }
+        Err(e) => return Err(e),
+    };
+    if n == 0 {
+        spares.give_back(pipe);
+        return Ok(Step::Eof);
+    }
+    let mut left = n;
+    while left > 0 {
+        dst.writable().await?;
+        let written = dst.try_io(Interest::WRITABLE, || {
+            splice(&pipe.0, None, dst, None, left, flags).map_err(io::Error::from)
+        });
+        match written {
+            Ok(k) => left -= k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // The pipe may still hold data: it is dropped, not pooled.
+            Err(e) => return Err(e),
+        }
+    }
+    spares.give_back(pipe);
+    Ok(Step::Moved { n, full: true })
 }
 
 /// Copies one direction through a user-space buffer (`-p`), dumping every read.
@@ -211,7 +346,7 @@ async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     (counter, local): (&AtomicU64, &Cell<u64>),
-    activity: &Cell<Instant>,
+    (activity, ended): (&Cell<Instant>, &Cell<bool>),
     dir: Direction,
 ) -> io::Result<()> {
     let mut buf: Vec<u8> = Vec::new();
@@ -230,8 +365,7 @@ async fn pump(
         };
         write_dump(dir, Some(&buf[..n]));
         if n == 0 {
-            // Half-close: the peer may still answer on the other direction.
-            let _ = nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            half_close(dst, ended);
             return Ok(());
         }
         write_all(dst, &buf[..n]).await?;

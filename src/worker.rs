@@ -56,8 +56,8 @@ struct Context {
     table: Table,
     channel: UnixDatagram,
     cache: std::cell::RefCell<Option<Rc<Snapshot>>>,
-    /// Spare pipes for the splice relay.
-    pipes: relay::Pipes,
+    /// Spare pipes and the scratch buffer of the relay.
+    spares: relay::Spares,
     /// When "maxc reached" was last logged, per channel.
     full_logged:
         std::cell::RefCell<std::collections::HashMap<(usize, usize), tokio::time::Instant>>,
@@ -106,7 +106,7 @@ pub fn run() -> Result<(), WorkerError> {
             channel,
             cache: std::cell::RefCell::new(None),
             full_logged: std::cell::RefCell::new(std::collections::HashMap::new()),
-            pipes: relay::Pipes::default(),
+            spares: relay::Spares::default(),
         });
         let mut accepting = Vec::new();
         for l in listeners {
@@ -206,10 +206,9 @@ async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
         );
         return;
     };
-    for s in [&client, &backend] {
-        let _ = s.set_nodelay(true);
-        let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::KeepAlive, &true);
-    }
+    // The client socket inherited both options from the listener (see the bootstrap).
+    let _ = backend.set_nodelay(true);
+    let _ = nix::sys::socket::setsockopt(&backend, nix::sys::socket::sockopt::KeepAlive, &true);
     let Some(channel) = ctx.table.channel(slot.group, slot.channel) else {
         return;
     };
@@ -222,7 +221,7 @@ async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
         (&channel.sent, &channel.received),
         idle,
         ctx.config.dump,
-        &ctx.pipes,
+        &ctx.spares,
     )
     .await;
     let how = match &outcome.ending {

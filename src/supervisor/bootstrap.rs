@@ -216,6 +216,11 @@ fn bind_listener(
         // Dual stack where the address allows it; a specific v6 address stays v6 only anyway.
         let _ = socket::setsockopt(&fd, socket::sockopt::Ipv6V6Only, &false);
     }
+    // Accepted sockets inherit these: workers need not set them per connection.
+    socket::setsockopt(&fd, socket::sockopt::TcpNoDelay, &true)
+        .map_err(|e| os("setsockopt(TCP_NODELAY=1)", e))?;
+    socket::setsockopt(&fd, socket::sockopt::KeepAlive, &true)
+        .map_err(|e| os("setsockopt(SO_KEEPALIVE=1)", e))?;
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(|e| os("bind", e))?;
     socket::listen(&fd, Backlog::MAXCONN).map_err(|e| os("listen", e))?;
     Ok(std::net::TcpListener::from(fd))
