@@ -126,48 +126,24 @@ pub async fn relay(
     let activity = Cell::new(Instant::now());
     let ended = Cell::new(false);
     let (up_bytes, down_bytes) = (Cell::new(0u64), Cell::new(0u64));
-    let up = async {
-        if dump {
-            pump(
-                client,
-                backend,
-                (sent, &up_bytes),
-                (&activity, &ended),
-                Direction::Up,
-            )
-            .await
-        } else {
-            pump_auto(
-                client,
-                backend,
-                (sent, &up_bytes),
-                (&activity, &ended),
-                spares,
-            )
-            .await
-        }
-    };
-    let down = async {
-        if dump {
-            pump(
-                backend,
-                client,
-                (received, &down_bytes),
-                (&activity, &ended),
-                Direction::Down,
-            )
-            .await
-        } else {
-            pump_auto(
-                backend,
-                client,
-                (received, &down_bytes),
-                (&activity, &ended),
-                spares,
-            )
-            .await
-        }
-    };
+    let flow = (&activity, &ended);
+    let dump_as = |dir| dump.then_some(dir);
+    let up = one_way(
+        client,
+        backend,
+        (sent, &up_bytes),
+        flow,
+        dump_as(Direction::Up),
+        spares,
+    );
+    let down = one_way(
+        backend,
+        client,
+        (received, &down_bytes),
+        flow,
+        dump_as(Direction::Down),
+        spares,
+    );
     let idle_expired = async {
         match idle {
             Some(limit) => idle_expiry(&activity, limit).await,
@@ -207,6 +183,21 @@ async fn idle_expiry(activity: &Cell<Instant>, limit: Duration) {
 fn half_close(dst: &TcpStream, ended: &Cell<bool>) {
     if !ended.replace(true) {
         let _ = nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+    }
+}
+
+/// One direction: dumped through a user-space buffer with `-p`, else [`pump_auto`].
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counters: (&AtomicU64, &Cell<u64>),
+    flow: (&Cell<Instant>, &Cell<bool>),
+    dump: Option<Direction>,
+    spares: &Spares,
+) -> io::Result<()> {
+    match dump {
+        Some(dir) => pump(src, dst, counters, flow, dir).await,
+        None => pump_auto(src, dst, counters, flow, spares).await,
     }
 }
 

@@ -336,3 +336,27 @@ fn sigterm_in_the_foreground_removes_the_table_and_exits_zero() {
         .iter()
         .all(|w| is_dead(*w))));
 }
+
+#[test]
+fn workers_get_the_whole_open_file_limit() {
+    if !require_root() {
+        return;
+    }
+    // Started with a soft limit of 1024 (a default systemd setting), workers must still be
+    // able to hold thousands of connections.
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start_with(Start {
+        operands: &[backend.operand()],
+        wrapper: &["prlimit", "--nofile=1024:8192", "--"],
+        ..Start::default()
+    });
+    for w in b.workers() {
+        let limits = std::fs::read_to_string(format!("/proc/{w}/limits")).expect("limits");
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("open files line");
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(&fields[3..5], ["8192", "8192"], "{line}");
+    }
+}

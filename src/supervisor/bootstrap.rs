@@ -76,6 +76,7 @@ impl Boot {
 
 /// Does every privileged and fallible start-up step.
 pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
+    raise_open_file_limit();
     let root = Uid::effective().is_root();
     let account = if root {
         Some(service_account(&args.user)?)
@@ -122,6 +123,17 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
         table_name,
         exe,
     })
+}
+
+/// Every connection costs a worker two descriptors: take the whole hard limit (the soft one
+/// is often 1024). Workers inherit it.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
 }
 
 fn service_account(name: &str) -> Result<Account, Fatal> {
