@@ -225,7 +225,11 @@ check "installed the systemd units" test -e "${unitdir#"$root"}/balance@.service
     -e "${unitdir#"$root"}/balance.service"
 check "man balance renders" bash -c 'man 8 balance 2>&1 | grep -q "CONTROL COMMANDS"'
 check "balance --version is $version" [ "$(/usr/sbin/balance --version)" = "balance $version" ]
-check "dpkg -i started nothing (policy-rc.d or empty BALANCE_INSTANCES)" test ! -e /run/balance
+# No daemon may have been started (policy-rc.d, empty BALANCE_INSTANCES): no pid files. An
+# empty /run/balance left by an earlier run by hand does not count.
+check "dpkg -i started nothing (policy-rc.d or empty BALANCE_INSTANCES)" \
+    bash -c '! ls /run/balance/*.pid >/dev/null 2>&1'
+
 
 # --- two instances through the init script -----------------------------------------
 p1=$(free_port)
