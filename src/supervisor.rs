@@ -61,7 +61,6 @@ pub fn run(args: ProxyArgs) -> Result<(), Fatal> {
 struct Supervisor {
     boot: bootstrap::Boot,
     template: WorkerConfig,
-    autodisable: bool,
     /// Detached daemon: workers get /dev/null as stdout and stderr, never the launcher's
     /// terminal or pipe.
     detached: bool,
@@ -152,7 +151,6 @@ fn supervise(
             dump: args.dump,
             log_connections: args.log_connections,
         },
-        autodisable: args.autodisable,
         detached: launcher.is_some(),
         boot,
         logger: RefCell::new(logger),

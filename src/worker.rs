@@ -206,6 +206,8 @@ async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
         );
         return;
     };
+    // Nothing of the choice is needed while the bytes flow.
+    drop(candidates);
     // The client socket inherited both options from the listener (see the bootstrap).
     let _ = backend.set_nodelay(true);
     let _ = nix::sys::socket::setsockopt(&backend, nix::sys::socket::sockopt::KeepAlive, &true);
@@ -213,6 +215,7 @@ async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
         return;
     };
     channel.total.fetch_add(1, Ordering::Relaxed);
+    let (group, channel_index) = (slot.group, slot.channel);
     let idle = ctx.config.idle_timeout_secs.map(Duration::from_secs);
     let started = tokio::time::Instant::now();
     let outcome = relay::relay(
@@ -224,6 +227,10 @@ async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
         &ctx.spares,
     )
     .await;
+    drop(slot);
+    if !ctx.config.debug && !ctx.config.log_connections {
+        return;
+    }
     let how = match &outcome.ending {
         Ending::Closed => "closed".to_string(),
         Ending::IdleTimeout => format!(
@@ -234,22 +241,21 @@ async fn serve(ctx: Rc<Context>, client: TcpStream, peer: SocketAddr) {
     };
     ctx.debug(format_args!("connection from {peer} {how}"));
     if ctx.config.log_connections {
-        let addr = snap.groups[slot.group].channels[slot.channel]
+        let addr = snap.groups[group].channels[channel_index]
             .addr
             .map_or_else(|| "?".to_string(), |a| a.to_string());
         ctx.log(
             Priority::Info,
             format!(
                 "connection from {peer} via group {} channel {} ({addr}): {} bytes up, {} bytes down, {:.3}s, {how}",
-                slot.group,
-                slot.channel,
+                group,
+                channel_index,
                 outcome.up,
                 outcome.down,
                 started.elapsed().as_secs_f64()
             ),
         );
     }
-    drop(slot);
 }
 
 /// Counts a connection in progress for draining.

@@ -342,7 +342,7 @@ fn handle_message(
             true
         }
         Message::Disable { group, channel } => {
-            if !sup.autodisable || group as usize >= MAX_GROUPS {
+            if !sup.template.autodisable || group as usize >= MAX_GROUPS {
                 sup.log(
                     Priority::Error,
                     format!(
