@@ -149,6 +149,20 @@ pub fn recv_blocking(
     accept_packet(&buf, n, &raw[..nfds])
 }
 
+/// Receives one message from a non-blocking std socket; None when none is waiting.
+pub fn try_recv(
+    sock: &std::os::unix::net::UnixDatagram,
+) -> Result<Option<(Message, Vec<OwnedFd>)>, IpcError> {
+    let mut buf = [0u8; MAX_MESSAGE + 1];
+    let mut raw = [0 as RawFd; MAX_FDS];
+    match sock.recv_with_fd(&mut buf, &mut raw) {
+        Ok((n, nfds)) => accept_packet(&buf, n, &raw[..nfds]).map(Some),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Sends on a tokio socket, waiting for room.
 pub async fn send(
     sock: &tokio::net::UnixDatagram,

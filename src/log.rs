@@ -126,7 +126,7 @@ impl Logger {
             _ => true,
         };
         if self.stderr && show {
-            eprintln!("{text}");
+            stderr_line(format_args!("{text}"));
         }
         self.send(Channel::Daemon, priority, text);
     }
@@ -134,7 +134,7 @@ impl Logger {
     /// An audit line (LOG_AUTHPRIV).
     pub fn audit(&mut self, priority: Priority, text: &str) {
         if self.stderr && self.verbose {
-            eprintln!("audit: {text}");
+            stderr_line(format_args!("audit: {text}"));
         }
         self.send(Channel::Audit, priority, text);
     }
@@ -187,4 +187,13 @@ impl Logger {
         *last = Some(now);
         true
     }
+}
+
+/// Writes one line to stderr with a single `write`, so that lines of the supervisor and of
+/// the workers (which share the descriptor) never interleave mid-line (`eprintln!` writes
+/// piece by piece).
+pub fn stderr_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let line = format!("{args}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }

@@ -1,69 +1,68 @@
 //! The only place bytes move between a client and its backend.
 //!
-//! Each direction is pumped independently (a client that keeps uploading while the backend
-//! sends a large reply never stalls either side: the original's relay could deadlock there),
-//! half-close is passed on (EOF from one side becomes `shutdown(SHUT_WR)` towards the other,
-//! and the reverse direction keeps flowing), bytes are counted per chunk with relaxed atomics,
-//! and an optional idle timeout ends a connection on which nothing moved in either direction.
+//! The worker's event loop (see `worker.rs`) owns the sockets and records what epoll said
+//! about them in a [`Readiness`]; [`pump`] then moves one direction as far as that readiness
+//! allows and returns. Each direction is pumped independently (a client that keeps uploading
+//! while the backend sends a large reply never stalls either side: the original's relay could
+//! deadlock there), half-close is passed on (EOF from one side becomes `shutdown(SHUT_WR)`
+//! towards the other, and the reverse direction keeps flowing), and bytes are counted per
+//! chunk with relaxed atomics.
 //!
 //! Small messages (requests, replies, protocol chatter) are read into the worker's one
 //! scratch buffer and written on at once: two system calls per message, and a read shorter
 //! than the buffer is taken to mean the socket is empty, which saves the read that would only
 //! say so. Once a read fills the buffer the direction is bulk, and from then on moves with
 //! `splice(2)` through a pipe, so the bytes never enter user space. A pipe comes from the
-//! worker's pool only when data is ready and goes back once drained; because it is always
-//! drained before the next read, a splice that would block means "socket empty", never "pipe
-//! full". An idle connection holds no pipe and no buffer: only a write that the peer cannot
-//! take at once leaves its rest in a buffer of the connection's own until it is written.
+//! worker's pool only when data is ready and goes back once drained. An idle connection holds
+//! no pipe and no buffer: only a write that the peer cannot take at once leaves its rest
+//! (in a buffer of the connection's own, or in the pipe) until the peer can take it.
 //!
-//! With `-p`, data goes through a user-space buffer instead, so that every read can also be
+//! With `-p`, data goes through the scratch buffer only, so that every read can also be
 //! written to stdout in the original's packet-dump format.
 
-use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
 use nix::sys::socket::MsgFlags;
-use tokio::io::Interest;
-use tokio::net::TcpStream;
-use tokio::time::Instant;
 
-/// Largest user-space read (`-p` only).
+/// Largest read with `-p` (the original's chunk).
 const CHUNK: usize = 32 * 1024;
+/// A read of this many bytes (the scratch buffer's working size) makes a direction bulk.
+const SMALL: usize = 16 * 1024;
 /// The pipe size asked for (the default is 64 KiB): fewer splices per byte in bulk.
 /// Best effort: past the user's pipe-buffer quota the kernel keeps the default.
 const PIPE_SIZE: i32 = 256 * 1024;
 const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 /// Pipes kept for reuse per worker; more are closed when given back.
 const POOL_LIMIT: usize = 256;
+/// Chunks one call of [`pump`] moves at most, so that one busy connection cannot starve the
+/// others; the event loop calls again after serving them.
+const BUDGET: usize = 32;
 
 /// A pipe for splicing: read end, write end, capacity in bytes.
-struct Pipe(OwnedFd, OwnedFd, usize);
-
-/// Size of the worker's scratch buffer; a read that fills it makes the direction bulk.
-const SCRATCH: usize = 16 * 1024;
+pub struct Pipe(OwnedFd, OwnedFd, usize);
 
 /// What the worker lends its connections: spare pipes and the scratch buffer.
 pub struct Spares {
-    free: RefCell<Vec<Pipe>>,
-    scratch: RefCell<Box<[u8]>>,
+    free: Vec<Pipe>,
+    scratch: Box<[u8]>,
 }
 
 impl Default for Spares {
     fn default() -> Spares {
         Spares {
-            free: RefCell::new(Vec::new()),
-            scratch: RefCell::new(vec![0; SCRATCH].into_boxed_slice()),
+            free: Vec::new(),
+            scratch: vec![0; CHUNK].into_boxed_slice(),
         }
     }
 }
 
 impl Spares {
-    fn take(&self) -> io::Result<Pipe> {
-        if let Some(p) = self.free.borrow_mut().pop() {
+    fn take(&mut self) -> io::Result<Pipe> {
+        if let Some(p) = self.free.pop() {
             return Ok(p);
         }
         let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
@@ -75,11 +74,31 @@ impl Spares {
     }
 
     /// Returns an empty pipe for reuse.
-    fn give_back(&self, pipe: Pipe) {
-        let mut free = self.free.borrow_mut();
-        if free.len() < POOL_LIMIT {
-            free.push(pipe);
+    fn give_back(&mut self, pipe: Pipe) {
+        if self.free.len() < POOL_LIMIT {
+            self.free.push(pipe);
         }
+    }
+}
+
+/// What epoll (edge-triggered) last said about one socket. `readable`/`writable` are cleared
+/// when an operation finds the socket empty/full; `read_closed` and `error` stay set, so that
+/// the next read finds the EOF or the error even when no further event comes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Readiness {
+    pub readable: bool,
+    pub writable: bool,
+    pub read_closed: bool,
+    pub error: bool,
+}
+
+impl Readiness {
+    fn can_read(&self) -> bool {
+        self.readable || self.read_closed || self.error
+    }
+
+    fn can_write(&self) -> bool {
+        self.writable || self.error
     }
 }
 
@@ -92,291 +111,274 @@ pub enum Direction {
     Down,
 }
 
-/// How a relayed connection ended.
-#[derive(Debug)]
-pub enum Ending {
-    /// Both sides closed their sending direction.
-    Closed,
-    /// Nothing moved for the idle timeout.
-    IdleTimeout,
-    /// A read or write failed (reset, broken pipe…).
-    Error(io::Error),
-}
-
-/// What one relayed connection did.
-#[derive(Debug)]
-pub struct Outcome {
-    pub ending: Ending,
-    /// Bytes client → backend.
-    pub up: u64,
-    /// Bytes backend → client.
-    pub down: u64,
-}
-
-/// Relays until both directions are done, one fails, or the idle timeout expires. `spares`
-/// are the worker's pipes and scratch buffer; `dump` (`-p`) selects the dumping path.
-pub async fn relay(
-    client: &TcpStream,
-    backend: &TcpStream,
-    (sent, received): (&AtomicU64, &AtomicU64),
-    idle: Option<Duration>,
-    dump: bool,
-    spares: &Spares,
-) -> Outcome {
-    let activity = Cell::new(Instant::now());
-    let ended = Cell::new(false);
-    let (up_bytes, down_bytes) = (Cell::new(0u64), Cell::new(0u64));
-    let flow = (&activity, &ended);
-    let dump_as = |dir| dump.then_some(dir);
-    let up = one_way(
-        client,
-        backend,
-        (sent, &up_bytes),
-        flow,
-        dump_as(Direction::Up),
-        spares,
-    );
-    let down = one_way(
-        backend,
-        client,
-        (received, &down_bytes),
-        flow,
-        dump_as(Direction::Down),
-        spares,
-    );
-    let idle_expired = async {
-        match idle {
-            Some(limit) => idle_expiry(&activity, limit).await,
-            None => std::future::pending().await,
-        }
-    };
-    // One select over everything, so that the pumps' state is stored once (this future is
-    // what an idle connection costs).
-    let ending = tokio::select! {
-        r = async { tokio::try_join!(up, down) } => match r {
-            Ok(_) => Ending::Closed,
-            Err(e) => Ending::Error(e),
-        },
-        () = idle_expired => Ending::IdleTimeout,
-    };
-    Outcome {
-        ending,
-        up: up_bytes.get(),
-        down: down_bytes.get(),
-    }
-}
-
-/// Completes once `limit` has passed since the last recorded activity.
-async fn idle_expiry(activity: &Cell<Instant>, limit: Duration) {
-    loop {
-        let deadline = activity.get() + limit;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
-    }
-}
-
-/// Passes an EOF on: `dst` gets `shutdown(SHUT_WR)`, because the peer may still answer on
-/// the other direction. When the other direction has ended already, both sockets are about
-/// to be closed, which sends the FIN anyway: one system call saved per connection.
-fn half_close(dst: &TcpStream, ended: &Cell<bool>) {
-    if !ended.replace(true) {
-        let _ = nix::sys::socket::shutdown(dst.as_raw_fd(), nix::sys::socket::Shutdown::Write);
-    }
-}
-
-/// One direction: dumped through a user-space buffer with `-p`, else [`pump_auto`].
-async fn one_way(
-    src: &TcpStream,
-    dst: &TcpStream,
-    counters: (&AtomicU64, &Cell<u64>),
-    flow: (&Cell<Instant>, &Cell<bool>),
-    dump: Option<Direction>,
-    spares: &Spares,
-) -> io::Result<()> {
-    match dump {
-        Some(dir) => pump(src, dst, counters, flow, dir).await,
-        None => pump_auto(src, dst, counters, flow, spares).await,
-    }
-}
-
-/// What one step of a direction did.
-enum Step {
-    /// The readiness was stale: nothing to read.
+/// Bytes read from one side that the other could not take yet.
+#[derive(Default)]
+enum Pending {
+    #[default]
     Nothing,
-    Eof,
-    /// Moved this many bytes; `full`: the read filled the scratch buffer (bulk).
-    Moved {
-        n: usize,
-        full: bool,
-    },
+    /// A copy of the unwritten rest of a small read, and how much of it is written.
+    Buffer(Box<[u8]>, usize),
+    /// A pipe holding this many bytes.
+    Pipe(Pipe, usize),
 }
 
-/// Relays one direction until EOF (then half-closes `dst`) or an error: small messages
-/// through the scratch buffer, bulk with splice.
-async fn pump_auto(
-    src: &TcpStream,
-    dst: &TcpStream,
-    (counter, local): (&AtomicU64, &Cell<u64>),
-    (activity, ended): (&Cell<Instant>, &Cell<bool>),
-    spares: &Spares,
-) -> io::Result<()> {
-    let mut bulk = false;
-    loop {
-        src.readable().await?;
-        let step = if bulk {
-            splice_once(src, dst, spares).await?
+/// One direction of a connection.
+#[derive(Default)]
+pub struct Flow {
+    /// A read filled the scratch buffer: move with splice from now on.
+    bulk: bool,
+    /// The source sent EOF.
+    eof: bool,
+    /// EOF was read and everything before it written (and passed on, if it had to be).
+    done: bool,
+    pending: Pending,
+    /// Bytes moved so far.
+    pub bytes: u64,
+}
+
+impl Flow {
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+/// Where one call of [`pump`] left its direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Waiting for an event: the source is empty or the destination full.
+    Waiting,
+    /// The budget ran out with work left: call again soon.
+    Busy,
+    /// EOF passed on; nothing more will move this way.
+    Done,
+}
+
+/// What one call of [`pump`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Pumped {
+    pub moved: bool,
+    pub state: State,
+}
+
+/// One side of a direction: the socket and what epoll said about it.
+pub struct End<'a, S> {
+    pub socket: &'a S,
+    pub ready: &'a mut Readiness,
+}
+
+/// Moves bytes from `src` to `dst` as far as readiness allows (or up to the budget).
+/// `other_done`: the opposite direction has finished, so an EOF here ends the connection and
+/// needs no `shutdown` (the close that follows sends the FIN). `dump` is `-p`.
+pub fn pump<S: AsFd>(
+    flow: &mut Flow,
+    src: End<'_, S>,
+    dst: End<'_, S>,
+    other_done: bool,
+    counter: &AtomicU64,
+    dump: Option<Direction>,
+    spares: &mut Spares,
+) -> io::Result<Pumped> {
+    let mut moved = false;
+    let waiting = |moved| {
+        Ok(Pumped {
+            moved,
+            state: State::Waiting,
+        })
+    };
+    for _ in 0..BUDGET {
+        // What the destination could not take last time goes first.
+        if !flush(&mut flow.pending, dst.socket, dst.ready, spares)? {
+            return waiting(moved);
+        }
+        if flow.eof {
+            if !flow.done {
+                flow.done = true;
+                if !other_done {
+                    let _ = nix::sys::socket::shutdown(
+                        dst.socket.as_fd().as_raw_fd(),
+                        nix::sys::socket::Shutdown::Write,
+                    );
+                }
+            }
+            return Ok(Pumped {
+                moved,
+                state: State::Done,
+            });
+        }
+        if !src.ready.can_read() {
+            return waiting(moved);
+        }
+        let read = if flow.bulk && dump.is_none() {
+            splice_in(src.socket, spares, &mut flow.pending)?
         } else {
-            copy_once(src, dst, spares).await?
+            copy(
+                flow, src.socket, src.ready, dst.socket, dst.ready, dump, spares,
+            )?
         };
-        match step {
-            Step::Nothing => continue,
-            Step::Eof => {
-                half_close(dst, ended);
-                return Ok(());
+        match read {
+            None => {
+                src.ready.readable = false;
+                return waiting(moved);
             }
-            Step::Moved { n, full } => {
-                bulk |= full;
+            Some(0) => flow.eof = true,
+            Some(n) => {
+                moved = true;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
-                local.set(local.get() + n as u64);
-                activity.set(Instant::now());
+                flow.bytes += n as u64;
             }
         }
     }
-}
-
-/// Reads what `src` has into the scratch buffer and writes it to `dst`.
-async fn copy_once(src: &TcpStream, dst: &TcpStream, spares: &Spares) -> io::Result<Step> {
-    let drained = Cell::new(None);
-    // Returning WouldBlock from inside try_io clears the cached readiness (unless an event
-    // arrived meanwhile): done after a short read, which emptied the socket.
-    let read = src.try_io(Interest::READABLE, || {
-        let mut buf = spares.scratch.borrow_mut();
-        let n = nix::sys::socket::recv(src.as_raw_fd(), &mut buf, MsgFlags::empty())
-            .map_err(io::Error::from)?;
-        if n > 0 && n < buf.len() {
-            drained.set(Some(n));
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    let n = match read {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => match drained.get() {
-            Some(n) => n,
-            None => return Ok(Step::Nothing),
-        },
-        Err(e) => return Err(e),
-    };
-    if n == 0 {
-        return Ok(Step::Eof);
-    }
-    // Write what the peer takes now; keep only the rest, in the connection's own buffer.
-    let rest = {
-        let buf = spares.scratch.borrow();
-        let mut off = 0;
-        while off < n {
-            match dst.try_write(&buf[off..n]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(k) => off += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        (off < n).then(|| buf[off..n].to_vec())
-    };
-    if let Some(rest) = rest {
-        write_all(dst, &rest).await?;
-    }
-    Ok(Step::Moved {
-        n,
-        full: n == SCRATCH,
+    Ok(Pumped {
+        moved,
+        state: State::Busy,
     })
 }
 
-/// Moves one pipe's worth from `src` to `dst` with splice.
-async fn splice_once(src: &TcpStream, dst: &TcpStream, spares: &Spares) -> io::Result<Step> {
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    let pipe = spares.take()?;
-    // Returning WouldBlock from inside try_io clears the cached readiness.
-    let read = src.try_io(Interest::READABLE, || {
-        splice(src, None, &pipe.1, None, pipe.2, flags).map_err(io::Error::from)
-    });
-    let n = match read {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            spares.give_back(pipe);
-            return Ok(Step::Nothing);
-        }
-        Err(e) => return Err(e),
-    };
-    if n == 0 {
-        spares.give_back(pipe);
-        return Ok(Step::Eof);
-    }
-    let mut left = n;
-    while left > 0 {
-        dst.writable().await?;
-        let written = dst.try_io(Interest::WRITABLE, || {
-            splice(&pipe.0, None, dst, None, left, flags).map_err(io::Error::from)
-        });
-        match written {
-            Ok(k) => left -= k,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            // The pipe may still hold data: it is dropped, not pooled.
-            Err(e) => return Err(e),
-        }
-    }
-    spares.give_back(pipe);
-    Ok(Step::Moved { n, full: true })
-}
-
-/// Copies one direction through a user-space buffer (`-p`), dumping every read.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    (counter, local): (&AtomicU64, &Cell<u64>),
-    (activity, ended): (&Cell<Instant>, &Cell<bool>),
-    dir: Direction,
-) -> io::Result<()> {
-    let mut buf: Vec<u8> = Vec::new();
+/// Writes out what is pending; true when nothing is left.
+fn flush(
+    pending: &mut Pending,
+    dst: &impl AsFd,
+    ready: &mut Readiness,
+    spares: &mut Spares,
+) -> io::Result<bool> {
     loop {
-        src.readable().await?;
-        if buf.is_empty() {
-            buf = vec![0; CHUNK];
+        match pending {
+            Pending::Nothing => return Ok(true),
+            _ if !ready.can_write() => return Ok(false),
+            Pending::Buffer(buf, off) => match send(dst, &buf[*off..]) {
+                Ok(k) => {
+                    *off += k;
+                    if *off == buf.len() {
+                        *pending = Pending::Nothing;
+                    }
+                }
+                Err(Errno::EAGAIN) => {
+                    ready.writable = false;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            },
+            Pending::Pipe(pipe, left) => match splice(&pipe.0, None, dst, None, *left, flags()) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(k) => {
+                    *left -= k;
+                    if *left == 0 {
+                        if let Pending::Pipe(pipe, _) = std::mem::take(pending) {
+                            spares.give_back(pipe);
+                        }
+                    }
+                }
+                Err(Errno::EAGAIN) => {
+                    ready.writable = false;
+                    return Ok(false);
+                }
+                // The pipe may still hold data: it is dropped with the connection.
+                Err(e) => return Err(e.into()),
+            },
         }
-        let n = match src.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                write_dump(dir, None);
-                return Err(e);
-            }
-        };
-        write_dump(dir, Some(&buf[..n]));
-        if n == 0 {
-            half_close(dst, ended);
-            return Ok(());
-        }
-        write_all(dst, &buf[..n]).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-        local.set(local.get() + n as u64);
-        activity.set(Instant::now());
     }
 }
 
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(k) => data = &data[k..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+fn flags() -> SpliceFFlags {
+    SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
+}
+
+fn send(dst: &impl AsFd, data: &[u8]) -> Result<usize, Errno> {
+    send_with(dst, data, MsgFlags::MSG_NOSIGNAL)
+}
+
+fn send_with(dst: &impl AsFd, data: &[u8], flags: MsgFlags) -> Result<usize, Errno> {
+    loop {
+        match nix::sys::socket::send(dst.as_fd().as_raw_fd(), data, flags) {
+            Ok(0) if !data.is_empty() => return Err(Errno::EPIPE),
+            Err(Errno::EINTR) => continue,
+            r => return r,
         }
     }
-    Ok(())
+}
+
+/// Reads one chunk from the source into a pipe. None: the socket was empty.
+fn splice_in(
+    src: &impl AsFd,
+    spares: &mut Spares,
+    pending: &mut Pending,
+) -> io::Result<Option<usize>> {
+    let pipe = spares.take()?;
+    match splice(src, None, &pipe.1, None, pipe.2, flags()) {
+        Ok(0) => {
+            spares.give_back(pipe);
+            Ok(Some(0))
+        }
+        Ok(n) => {
+            *pending = Pending::Pipe(pipe, n);
+            Ok(Some(n))
+        }
+        Err(e) => {
+            spares.give_back(pipe);
+            match e {
+                Errno::EAGAIN | Errno::EINTR => Ok(None),
+                e => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Reads one chunk into the scratch buffer and writes what the destination takes now; the
+/// rest becomes pending. None: the socket was empty.
+fn copy(
+    flow: &mut Flow,
+    src: &impl AsFd,
+    src_ready: &mut Readiness,
+    dst: &impl AsFd,
+    dst_ready: &mut Readiness,
+    dump: Option<Direction>,
+    spares: &mut Spares,
+) -> io::Result<Option<usize>> {
+    let want = if dump.is_some() { CHUNK } else { SMALL };
+    let buf = &mut spares.scratch[..want];
+    let n = match nix::sys::socket::recv(src.as_fd().as_raw_fd(), buf, MsgFlags::empty()) {
+        Ok(n) => n,
+        Err(Errno::EAGAIN | Errno::EINTR) => return Ok(None),
+        Err(e) => {
+            if let Some(dir) = dump {
+                write_dump(dir, None);
+            }
+            return Err(e.into());
+        }
+    };
+    if let Some(dir) = dump {
+        write_dump(dir, Some(&buf[..n]));
+    }
+    if n == 0 {
+        return Ok(Some(0));
+    }
+    let mut flags = MsgFlags::MSG_NOSIGNAL;
+    if n < want {
+        // A short read emptied the socket: the next data brings a new event.
+        src_ready.readable = false;
+        if src_ready.read_closed && !src_ready.error && dump.is_none() {
+            // The peer's FIN had arrived before this read, so this was the last of the data:
+            // no read needed to learn it. MSG_MORE holds the data back for the FIN that
+            // follows at once (shutdown or close), and both leave in one segment: a packet,
+            // and the peer's ACK of it, saved per connection.
+            flow.eof = true;
+            flags |= MsgFlags::from_bits_retain(libc::MSG_MORE);
+        }
+    } else if dump.is_none() {
+        flow.bulk = true;
+    }
+    let mut off = 0;
+    while off < n && dst_ready.can_write() {
+        match send_with(dst, &buf[off..n], flags) {
+            Ok(k) => off += k,
+            Err(Errno::EAGAIN) => dst_ready.writable = false,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if off < n {
+        flow.pending = Pending::Buffer(buf[off..n].into(), 0);
+    }
+    Ok(Some(n))
 }
 
 fn write_dump(dir: Direction, data: Option<&[u8]>) {
