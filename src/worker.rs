@@ -603,12 +603,14 @@ impl Worker {
             ch.total.fetch_add(1, Ordering::Relaxed);
         }
         // Nothing of the choice is needed while the bytes flow.
-        let logged = match (&conn.phase, backend.peer_addr()) {
-            (Phase::Connecting(connecting), Ok(addr)) if self.config.log_connections => {
-                Some(Box::new(Logged {
-                    started: connecting.started,
-                    addr,
-                }))
+        let logged = match &conn.phase {
+            Phase::Connecting(connecting) if self.config.log_connections => {
+                backend.peer_addr().ok().map(|addr| {
+                    Box::new(Logged {
+                        started: connecting.started,
+                        addr,
+                    })
+                })
             }
             _ => None,
         };
