@@ -211,6 +211,23 @@ enum Ending {
     NoChannel,
 }
 
+/// A deadline of one connection (by entry and serial).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Timer {
+    when: Instant,
+    entry: u32,
+    serial: u64,
+    kind: TimerKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    /// The connect in progress times out (unless it finished or moved on meanwhile).
+    Connect,
+    /// Check for the idle timeout; pushed again for the new deadline while there is traffic.
+    Idle,
+}
+
 /// Work left over because a budget ran out.
 #[derive(Clone, Copy)]
 enum Busy {
@@ -237,8 +254,8 @@ struct Worker {
     closed: Vec<u32>,
     live: usize,
     serial: u64,
-    /// Deadlines: (when, entry, serial). Stale ones are skipped when they come up.
-    timers: BinaryHeap<Reverse<(Instant, u32, u64)>>,
+    /// Deadlines, earliest first. Stale ones are skipped when they come up.
+    timers: BinaryHeap<Reverse<Timer>>,
     busy: Vec<Busy>,
     draining: bool,
     cache: Option<Rc<Snapshot>>,
@@ -312,7 +329,7 @@ impl Worker {
             return Some(Duration::ZERO);
         }
         let next = [
-            self.timers.peek().map(|Reverse((t, _, _))| *t),
+            self.timers.peek().map(|Reverse(t)| t.when),
             self.accept_paused_until,
         ]
         .into_iter()
@@ -533,7 +550,12 @@ impl Worker {
                         connecting.deadline = deadline;
                     }
                     let serial = conn.serial;
-                    self.timers.push(Reverse((deadline, i as u32, serial)));
+                    self.timers.push(Reverse(Timer {
+                        when: deadline,
+                        entry: i as u32,
+                        serial,
+                        kind: TimerKind::Connect,
+                    }));
                     return;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
@@ -618,8 +640,12 @@ impl Worker {
         conn.last_activity = self.now;
         if let Some(idle) = self.idle_timeout {
             let serial = conn.serial;
-            self.timers
-                .push(Reverse((self.now + idle, i as u32, serial)));
+            self.timers.push(Reverse(Timer {
+                when: self.now + idle,
+                entry: i as u32,
+                serial,
+                kind: TimerKind::Idle,
+            }));
         }
         self.debug(format_args!("connect to group {g} channel {c} successful"));
         self.relay(i);
@@ -692,26 +718,26 @@ impl Worker {
     /// Ends the deadlines that have passed: connect timeouts fail over, idle connections
     /// close.
     fn fire_timers(&mut self) {
-        while let Some(&Reverse((when, i, serial))) = self.timers.peek() {
-            if when > self.now {
+        while let Some(&Reverse(timer)) = self.timers.peek() {
+            if timer.when > self.now {
                 return;
             }
             self.timers.pop();
-            let i = i as usize;
+            let i = timer.entry as usize;
             let Some(Some(conn)) = self.conns.get(i) else {
                 continue;
             };
-            if conn.serial != serial {
+            if conn.serial != timer.serial {
                 continue;
             }
-            match &conn.phase {
-                Phase::Connecting(c) => {
-                    if c.deadline <= self.now && conn.backend.is_some() {
-                        let reason = format!("timeout after {}s", self.connect_timeout.as_secs());
-                        self.connect_failed(i, &reason);
-                    }
+            match (&conn.phase, timer.kind) {
+                (Phase::Connecting(c), TimerKind::Connect)
+                    if c.deadline <= self.now && conn.backend.is_some() =>
+                {
+                    let reason = format!("timeout after {}s", self.connect_timeout.as_secs());
+                    self.connect_failed(i, &reason);
                 }
-                Phase::Relaying(_) => {
+                (Phase::Relaying(_), TimerKind::Idle) => {
                     let Some(idle) = self.idle_timeout else {
                         continue;
                     };
@@ -719,9 +745,11 @@ impl Worker {
                     if due <= self.now {
                         self.close(i, Ending::IdleTimeout);
                     } else {
-                        self.timers.push(Reverse((due, i as u32, serial)));
+                        self.timers.push(Reverse(Timer { when: due, ..timer }));
                     }
                 }
+                // A connect deadline that no longer applies (connected, or moved on).
+                _ => {}
             }
         }
     }
