@@ -34,6 +34,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
 use crate::ipc::{self, Message, Priority, WorkerConfig};
 use crate::relay::{self, Direction, End, Flow, Readiness, State};
@@ -89,14 +90,18 @@ pub fn run() -> Result<(), WorkerError> {
             Interest::READABLE,
         )
         .map_err(|e| fail("channel", e))?;
+    // The listeners are shared with the other workers: registered exclusive, so that a new
+    // connection wakes one waiting worker, not all of them (mio has no such flag, hence a
+    // second handle on the same epoll instance).
+    let shared = Epoll(nix::unistd::dup(poll.registry()).map_err(|e| fail("epoll", e))?);
     let mut accepting = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         l.set_nonblocking(true).map_err(|e| fail("listener", e))?;
-        let mut l = TcpListener::from_std(l);
-        poll.registry()
-            .register(&mut l, Token(1 + i), Interest::READABLE)
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET | EpollFlags::EPOLLEXCLUSIVE;
+        shared
+            .add(&l, EpollEvent::new(flags, (1 + i) as u64))
             .map_err(|e| fail("listener", e))?;
-        accepting.push(Some(l));
+        accepting.push(Some(TcpListener::from_std(l)));
     }
 
     let filter = crate::sandbox::worker_filter(config.source.is_some())
@@ -115,6 +120,7 @@ pub fn run() -> Result<(), WorkerError> {
     let now = Instant::now();
     let mut worker = Worker {
         poll,
+        shared,
         row: config.row as usize,
         connect_timeout: Duration::from_secs(config.connect_timeout_secs),
         idle_timeout: config.idle_timeout_secs.map(Duration::from_secs),
@@ -237,6 +243,8 @@ enum Busy {
 
 struct Worker {
     poll: Poll,
+    /// The same epoll instance, for the listeners' exclusive registrations.
+    shared: Epoll,
     config: WorkerConfig,
     /// This worker's row in the table's per-worker counts.
     row: usize,
@@ -361,8 +369,10 @@ impl Worker {
     fn drain(&mut self) {
         self.draining = true;
         for slot in &mut self.listeners {
-            if let Some(mut l) = slot.take() {
-                let _ = self.poll.registry().deregister(&mut l);
+            if let Some(l) = slot.take() {
+                // Closing our descriptor would not remove it: the other workers hold the
+                // same open socket.
+                let _ = self.shared.delete(&l);
             }
         }
     }
