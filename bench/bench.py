@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -201,6 +202,16 @@ def wait_listening(port, proc, what, timeout=15.0):
     raise HarnessError(f"{what} not listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def wait_for(check, timeout, what):
+    """Waits (bounded) until check() is true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise HarnessError(f"no {what} after {timeout}s")
+
+
 def tail(path, n=1000):
     if not path:
         return ""
@@ -301,6 +312,48 @@ class Iperf:
 # ---------------------------------------------------------------- proxies
 
 
+class SyslogSink:
+    """A datagram socket standing in for /dev/log, so that balance runs as shipped: with its
+    syslog connection up (this machine has no syslog daemon). Counts what arrives."""
+
+    def __init__(self, workdir):
+        self.path = os.path.join(workdir, "syslog.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o666)  # the supervisor reconnects as user balance
+        self.sock.settimeout(0.5)
+        self.messages = 0
+        self.last = b""
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.messages += 1
+                self.last = data
+
+    def count(self):
+        with self.lock:
+            return self.messages
+
+    def stop(self):
+        self.stopping = True
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+SYSLOG = None
+
+
 class Balance:
     """One balance instance per backend (it relays a port to one channel group)."""
 
@@ -310,10 +363,13 @@ class Balance:
         self.procs = []
         for listen, backend in routes:
             argv = [binary, "-f", "-b", "127.0.0.1", "--run-dir", self.run_dir,
+                    "--syslog-socket", SYSLOG.path,
                     "--workers", str(workers), str(listen), f"127.0.0.1:{backend}"]
+            before = SYSLOG.count()
             p = PROCS.start(argv, cpu=cpu, errlog=os.path.join(self.run_dir, f"stderr.{listen}"))
             self.procs.append(p)
             wait_listening(listen, p, "balance")
+            wait_for(lambda: SYSLOG.count() > before, 10, "balance's start message on syslog")
         self.wait_workers(workers)
 
     def wait_workers(self, workers, timeout=10.0):
@@ -784,6 +840,8 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     args.workdir = tempfile.mkdtemp(prefix="balance-bench-")
     os.chmod(args.workdir, 0o755)
+    global SYSLOG
+    SYSLOG = SyslogSink(args.workdir)
     results = {}
     started = time.time()
     status = 0
@@ -800,6 +858,7 @@ def main():
         status = 1
     finally:
         PROCS.stop_all()
+        SYSLOG.stop()
         shutil.rmtree(args.workdir, ignore_errors=True)
 
     summary = summarize(results)
@@ -809,11 +868,14 @@ def main():
           "/proc/<pid>/stat of all proxy processes; pinned = proxy on CPU "
           f"{cpus[0]}, generators and backends on CPU {cpus[1] if len(cpus) > 1 else '-'}")
     print(table(summary, args.rounds))
+    print(f"\nbalance ran as shipped (sandboxed workers, shared table, syslog): "
+          f"{SYSLOG.messages} syslog messages received")
     print("\ntargets (ratios from this run):")
     verdicts = targets(summary, args.idle)
     report = {
         "smoke": smoke, "rounds": args.rounds, "duration_s": args.duration, "idle": args.idle,
         "cpus": cpus, "loadavg_end": loadavg, "harness_status": status,
+        "syslog_messages": SYSLOG.messages,
         "balance": args.balance, "raw": results, "median": summary, "targets": verdicts,
     }
     with open(args.json, "w") as f:
