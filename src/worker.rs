@@ -203,8 +203,8 @@ struct Connecting {
     candidates: Vec<Candidate>,
     /// Index in `candidates` of the next one to try.
     next: usize,
-    /// When the connect in progress times out.
-    deadline: Instant,
+    /// When the connect in progress times out (None: a timeout too large to represent).
+    deadline: Option<Instant>,
     /// When the connection was accepted (for `--log-connections`).
     started: Instant,
 }
@@ -444,7 +444,7 @@ impl Worker {
                 snap,
                 candidates,
                 next: 0,
-                deadline: self.now,
+                deadline: None,
                 started: self.now,
             })),
             up: Flow::default(),
@@ -547,7 +547,7 @@ impl Worker {
                 )?;
                 Ok(s)
             });
-            let deadline = self.now + self.connect_timeout;
+            let deadline = self.now.checked_add(self.connect_timeout);
             let Some(Some(conn)) = self.conns.get_mut(i) else {
                 return;
             };
@@ -559,13 +559,14 @@ impl Worker {
                     if let Phase::Connecting(connecting) = &mut conn.phase {
                         connecting.deadline = deadline;
                     }
-                    let serial = conn.serial;
-                    self.timers.push(Reverse(Timer {
-                        when: deadline,
-                        entry: i as u32,
-                        serial,
-                        kind: TimerKind::Connect,
-                    }));
+                    if let Some(when) = deadline {
+                        self.timers.push(Reverse(Timer {
+                            when,
+                            entry: i as u32,
+                            serial: conn.serial,
+                            kind: TimerKind::Connect,
+                        }));
+                    }
                     return;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
@@ -579,7 +580,7 @@ impl Worker {
                 }
                 Err(e) => {
                     let reason = e.to_string();
-                    return self.connect_failed(i, &reason);
+                    self.attempt_failed(i, &reason);
                 }
             }
         }
@@ -587,6 +588,12 @@ impl Worker {
 
     /// The connect in progress failed: log it, give the place back, try the next candidate.
     fn connect_failed(&mut self, i: usize, reason: &str) {
+        self.attempt_failed(i, reason);
+        self.try_next(i);
+    }
+
+    /// Logs a failed attempt, gives the place back and applies `-a`.
+    fn attempt_failed(&mut self, i: usize, reason: &str) {
         let Some(Some(conn)) = self.conns.get_mut(i) else {
             return;
         };
@@ -617,7 +624,6 @@ impl Worker {
                 channel: c as u32,
             });
         }
-        self.try_next(i);
     }
 
     /// The backend accepted: set it up and start relaying.
@@ -648,12 +654,12 @@ impl Worker {
         };
         conn.phase = Phase::Relaying(logged);
         conn.last_activity = self.now;
-        if let Some(idle) = self.idle_timeout {
-            let serial = conn.serial;
+        // A timeout too large to represent never fires.
+        if let Some(when) = self.idle_timeout.and_then(|d| self.now.checked_add(d)) {
             self.timers.push(Reverse(Timer {
-                when: self.now + idle,
+                when,
                 entry: i as u32,
-                serial,
+                serial: conn.serial,
                 kind: TimerKind::Idle,
             }));
         }
@@ -742,7 +748,7 @@ impl Worker {
             }
             match (&conn.phase, timer.kind) {
                 (Phase::Connecting(c), TimerKind::Connect)
-                    if c.deadline <= self.now && conn.backend.is_some() =>
+                    if c.deadline.is_some_and(|d| d <= self.now) && conn.backend.is_some() =>
                 {
                     let reason = format!("timeout after {}s", self.connect_timeout.as_secs());
                     self.connect_failed(i, &reason);
@@ -751,11 +757,10 @@ impl Worker {
                     let Some(idle) = self.idle_timeout else {
                         continue;
                     };
-                    let due = conn.last_activity + idle;
-                    if due <= self.now {
-                        self.close(i, Ending::IdleTimeout);
-                    } else {
-                        self.timers.push(Reverse(Timer { when: due, ..timer }));
+                    match conn.last_activity.checked_add(idle) {
+                        Some(due) if due <= self.now => self.close(i, Ending::IdleTimeout),
+                        Some(due) => self.timers.push(Reverse(Timer { when: due, ..timer })),
+                        None => {}
                     }
                 }
                 // A connect deadline that no longer applies (connected, or moved on).

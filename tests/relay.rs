@@ -153,6 +153,31 @@ fn no_idle_timeout_with_t_zero() {
     assert_eq!(&buf, b"y");
 }
 
+#[test]
+fn timeouts_too_large_to_represent_never_fire() {
+    if !require_root() {
+        return;
+    }
+    // The largest -t and -T the command line takes: deadlines past what the clock can
+    // represent must mean "never", not a worker that dies adding them up.
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let big = u64::MAX.to_string();
+    let b = Balance::start(
+        &["-t", &big, "-T", &big],
+        &[refused_operand(), backend.operand()],
+    );
+    let workers = b.workers();
+    for i in 0..3u8 {
+        let (mut conn, tag) = hold(b.addr());
+        assert_eq!(tag, "B1", "the refused channel fails over to the next");
+        conn.write_all(&[b'a' + i]).expect("write");
+        let mut buf = [0u8; 1];
+        conn.read_exact(&mut buf).expect("echo");
+        assert_eq!(buf[0], b'a' + i);
+    }
+    assert_eq!(b.workers(), workers, "no worker was replaced");
+}
+
 /// Duplicates descriptor `fd` of process `pid` into this process (root may do this).
 fn steal_fd(pid: u32, fd: i32) -> Option<OwnedFd> {
     // SAFETY: plain syscalls with integer arguments; the returned descriptors are new and
