@@ -8,7 +8,8 @@
 //! - `supervisor`: root bootstrap, privilege drop, worker pool, shutdown.
 //! - `control`: `balance -i` / `-c`, the operator's shell on the table.
 //! - `log`: the supervisor's syslog connection.
-//! - `worker`: one sandboxed worker process: accept → pick → connect → relay → account.
+//! - `worker`: one sandboxed worker process and its event loop; `worker::conn`: one
+//!   connection, accept → pick → connect → relay → account, top to bottom.
 //! - `relay`: the only place bytes move between client and backend.
 //! - `ipc`: the messages between supervisor and workers, and their strict decoding.
 //! - `sandbox`: privilege dropping and process hardening.

@@ -1,0 +1,537 @@
+//! One connection, top to bottom: accept → pick the candidates → connect with failover →
+//! relay → close and account. The event loop in `worker.rs` calls in here with the events
+//! and deadlines of a connection; everything a connection does happens in this file, in
+//! that order.
+
+use std::cmp::Reverse;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+use nix::errno::Errno;
+
+use super::{Busy, Timer, TimerKind, Worker, CONN_BASE};
+use crate::ipc::{Message, Priority};
+use crate::relay::{self, Direction, End, Flow, Readiness, State};
+use crate::select::{self, Candidate};
+use crate::table::{GroupKind, Snapshot};
+
+/// One client connection, from accept to close.
+pub(super) struct Conn {
+    /// Distinguishes this connection from later ones in the same table entry (timers and
+    /// deferred work refer to a connection by entry and serial).
+    serial: u64,
+    client: TcpStream,
+    client_ready: Readiness,
+    peer: SocketAddr,
+    backend: Option<TcpStream>,
+    backend_ready: Readiness,
+    /// The channel this connection holds a place on (while connecting to it or relaying).
+    slot: Option<(u16, u16)>,
+    phase: Phase,
+    up: Flow,
+    down: Flow,
+    last_activity: Instant,
+}
+
+enum Phase {
+    /// Looking for a backend.
+    Connecting(Box<Connecting>),
+    /// Relaying; what `--log-connections` reports at the end, when it is on.
+    Relaying(Option<Box<Logged>>),
+}
+
+struct Logged {
+    started: Instant,
+    addr: SocketAddr,
+}
+
+/// The failover state of a connection that has no backend yet.
+struct Connecting {
+    snap: Rc<Snapshot>,
+    candidates: Vec<Candidate>,
+    /// Index in `candidates` of the next one to try.
+    next: usize,
+    /// When the connect in progress times out (None: a timeout too large to represent).
+    deadline: Option<Instant>,
+    /// When the connection was accepted (for `--log-connections`).
+    started: Instant,
+}
+
+/// Why a connection ended.
+enum Ending {
+    Closed,
+    IdleTimeout,
+    Error(io::Error),
+    NoChannel,
+}
+
+impl Worker {
+    /// A new client: choose the candidates and start connecting.
+    pub(super) fn open(&mut self, mut client: TcpStream, peer: SocketAddr) {
+        self.debug(format_args!("connect from {peer}"));
+        let i = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.conns.push(None);
+                self.conns.len() - 1
+            }
+        };
+        if let Err(e) = self.poll.registry().register(
+            &mut client,
+            Token(CONN_BASE + 2 * i),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.debug(format_args!("cannot watch the connection from {peer}: {e}"));
+            self.closed.push(i as u32);
+            return;
+        }
+        let snap = self.snapshot();
+        let hash = select::client_hash(peer.ip());
+        let candidates = select::candidates(&snap, hash, self.config.hash_failover, |g| {
+            self.table.layout().groups[g].cursor.load(Ordering::Relaxed)
+        });
+        self.serial += 1;
+        self.conns[i] = Some(Conn {
+            serial: self.serial,
+            client,
+            // Optimistic: a fresh socket has room; a full one says so at the first write.
+            client_ready: Readiness {
+                writable: true,
+                ..Readiness::default()
+            },
+            peer,
+            backend: None,
+            backend_ready: Readiness::default(),
+            slot: None,
+            phase: Phase::Connecting(Box::new(Connecting {
+                snap,
+                candidates,
+                next: 0,
+                deadline: None,
+                started: self.now,
+            })),
+            up: Flow::default(),
+            down: Flow::default(),
+            last_activity: self.now,
+        });
+        self.live += 1;
+        self.try_next(i);
+    }
+
+    pub(super) fn on_socket_event(&mut self, i: usize, backend: bool, ev: Readiness) {
+        let Some(Some(conn)) = self.conns.get_mut(i) else {
+            // An event of this batch for a connection closed earlier in it.
+            return;
+        };
+        let r = if backend {
+            &mut conn.backend_ready
+        } else {
+            &mut conn.client_ready
+        };
+        r.readable |= ev.readable;
+        r.writable |= ev.writable;
+        r.read_closed |= ev.read_closed;
+        r.error |= ev.error;
+        self.drive(i);
+    }
+
+    /// Moves a connection on after an event.
+    pub(super) fn drive(&mut self, i: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if matches!(conn.phase, Phase::Relaying(_)) {
+            return self.relay(i);
+        }
+        let r = conn.backend_ready;
+        if conn.backend.is_none() || !(r.writable || r.error) {
+            // Client events while connecting wait in the readiness flags.
+            return;
+        }
+        // Writable after a non-blocking connect: connected, unless an error came with it.
+        let result = if r.error {
+            match conn.backend.as_ref().map(|b| b.take_error()) {
+                Some(Ok(Some(e))) | Some(Err(e)) => Err(e),
+                _ => Ok(()),
+            }
+        } else {
+            Ok(())
+        };
+        match result {
+            Ok(()) => self.connected(i),
+            Err(e) => {
+                let reason = e.to_string();
+                self.connect_failed(i, &reason);
+            }
+        }
+    }
+
+    /// Tries the remaining candidates in order until a connect is under way or none is left.
+    fn try_next(&mut self, i: usize) {
+        loop {
+            let Some(Some(conn)) = self.conns.get_mut(i) else {
+                return;
+            };
+            let Phase::Connecting(connecting) = &mut conn.phase else {
+                return;
+            };
+            let Some(&(g, c)) = connecting.candidates.get(connecting.next) else {
+                let peer = conn.peer;
+                self.log(
+                    Priority::Warning,
+                    format!("no channel could take the connection from {peer}"),
+                );
+                return self.close(i, Ending::NoChannel);
+            };
+            connecting.next += 1;
+            let snap = Rc::clone(&connecting.snap);
+            let Some(addr) = self.admit(&snap, g, c) else {
+                continue;
+            };
+            match self.start_attempt(i, g, c, addr) {
+                Ok(()) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                    // A port added at run time that this worker's sandbox predates: the
+                    // supervisor is replacing the workers. Not the channel's fault.
+                    self.release(i);
+                    self.debug(format_args!(
+                        "group {g} channel {c}: port {} not admitted by this worker's sandbox yet",
+                        addr.port()
+                    ));
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    self.attempt_failed(i, &reason);
+                }
+            }
+        }
+    }
+
+    /// Takes a place on channel (g, c) if its maxc allows, and moves a round-robin group's
+    /// cursor past it. The channel's address when it admitted the connection.
+    fn admit(&mut self, snap: &Snapshot, g: usize, c: usize) -> Option<SocketAddr> {
+        let group = &snap.groups[g];
+        let ch = &group.channels[c];
+        let addr = ch.addr?;
+        if !self.table.reserve(self.row, g, c, ch.maxc) {
+            self.debug(format_args!("group {g} channel {c} is full"));
+            self.note_full(g, c, ch.maxc);
+            return None;
+        }
+        if group.kind == GroupKind::RoundRobin {
+            let next = ((c + 1) % group.channels.len()) as u32;
+            self.table.layout().groups[g]
+                .cursor
+                .store(next, Ordering::Relaxed);
+        }
+        Some(addr)
+    }
+
+    /// Starts a non-blocking connect to channel (g, c) at `addr`, whose place the connection
+    /// now holds, and arms the connect timeout. An error means this attempt failed at once.
+    fn start_attempt(&mut self, i: usize, g: usize, c: usize, addr: SocketAddr) -> io::Result<()> {
+        self.debug(format_args!("trying group {g} channel {c} ({addr}) ..."));
+        if let Some(Some(conn)) = self.conns.get_mut(i) {
+            conn.slot = Some((g as u16, c as u16));
+        }
+        let mut stream = start_connect(addr, self.config.source)?;
+        self.poll.registry().register(
+            &mut stream,
+            Token(CONN_BASE + 2 * i + 1),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        let deadline = self.now.checked_add(self.connect_timeout);
+        let Some(Some(conn)) = self.conns.get_mut(i) else {
+            return Ok(());
+        };
+        conn.backend = Some(stream);
+        conn.backend_ready = Readiness::default();
+        if let Phase::Connecting(connecting) = &mut conn.phase {
+            connecting.deadline = deadline;
+        }
+        if let Some(when) = deadline {
+            self.timers.push(Reverse(Timer {
+                when,
+                entry: i as u32,
+                serial: conn.serial,
+                kind: TimerKind::Connect,
+            }));
+        }
+        Ok(())
+    }
+
+    /// The connect in progress failed: log it, give the place back, try the next candidate.
+    fn connect_failed(&mut self, i: usize, reason: &str) {
+        self.attempt_failed(i, reason);
+        self.try_next(i);
+    }
+
+    /// Logs a failed attempt, gives the place back and applies `-a`.
+    fn attempt_failed(&mut self, i: usize, reason: &str) {
+        let Some(Some(conn)) = self.conns.get_mut(i) else {
+            return;
+        };
+        // Closing the socket also takes it out of epoll.
+        conn.backend = None;
+        conn.backend_ready = Readiness::default();
+        let Phase::Connecting(connecting) = &conn.phase else {
+            return;
+        };
+        let Some((g, c)) = conn.slot.map(|(g, c)| (g as usize, c as usize)) else {
+            return;
+        };
+        let addr = connecting.snap.groups[g].channels[c]
+            .addr
+            .map_or_else(|| "?".to_string(), |a| a.to_string());
+        let next = match connecting.candidates.get(connecting.next) {
+            Some((ng, nc)) => format!("failing over to group {ng} channel {nc}"),
+            None => "no channel left to try".to_string(),
+        };
+        self.release(i);
+        self.log(
+            Priority::Notice,
+            format!("connection failed group {g} channel {c} ({addr}): {reason}; {next}"),
+        );
+        if self.config.autodisable {
+            self.notify(Message::Disable {
+                group: g as u32,
+                channel: c as u32,
+            });
+        }
+    }
+
+    /// The backend accepted: set it up and start relaying.
+    fn connected(&mut self, i: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let (Some(backend), Some((g, c))) = (conn.backend.as_ref(), conn.slot) else {
+            return;
+        };
+        // The client socket inherited both options from the listener (see the bootstrap).
+        let _ = backend.set_nodelay(true);
+        let _ = nix::sys::socket::setsockopt(backend, nix::sys::socket::sockopt::KeepAlive, &true);
+        if let Some(ch) = self.table.channel(g as usize, c as usize) {
+            ch.total.fetch_add(1, Ordering::Relaxed);
+        }
+        // Nothing of the choice is needed while the bytes flow.
+        let logged = match &conn.phase {
+            Phase::Connecting(connecting) if self.config.log_connections => {
+                backend.peer_addr().ok().map(|addr| {
+                    Box::new(Logged {
+                        started: connecting.started,
+                        addr,
+                    })
+                })
+            }
+            _ => None,
+        };
+        conn.phase = Phase::Relaying(logged);
+        conn.last_activity = self.now;
+        // A timeout too large to represent never fires.
+        if let Some(when) = self.idle_timeout.and_then(|d| self.now.checked_add(d)) {
+            self.timers.push(Reverse(Timer {
+                when,
+                entry: i as u32,
+                serial: conn.serial,
+                kind: TimerKind::Idle,
+            }));
+        }
+        self.debug(format_args!("connect to group {g} channel {c} successful"));
+        self.relay(i);
+    }
+
+    /// Moves bytes both ways as far as the sockets allow.
+    fn relay(&mut self, i: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if !matches!(conn.phase, Phase::Relaying(_)) {
+            return;
+        }
+        let (Some(backend), Some((g, c))) = (conn.backend.as_ref(), conn.slot) else {
+            return;
+        };
+        let Some(ch) = self.table.channel(g as usize, c as usize) else {
+            return;
+        };
+        let dump = self.config.dump;
+        let up = relay::pump(
+            &mut conn.up,
+            End {
+                socket: &conn.client,
+                ready: &mut conn.client_ready,
+            },
+            End {
+                socket: backend,
+                ready: &mut conn.backend_ready,
+            },
+            conn.down.is_done(),
+            &ch.sent,
+            dump.then_some(Direction::Up),
+            &mut self.spares,
+        );
+        let down = up.and_then(|up| {
+            relay::pump(
+                &mut conn.down,
+                End {
+                    socket: backend,
+                    ready: &mut conn.backend_ready,
+                },
+                End {
+                    socket: &conn.client,
+                    ready: &mut conn.client_ready,
+                },
+                conn.up.is_done(),
+                &ch.received,
+                dump.then_some(Direction::Down),
+                &mut self.spares,
+            )
+            .map(|down| (up, down))
+        });
+        let (up, down) = match down {
+            Ok(both) => both,
+            Err(e) => return self.close(i, Ending::Error(e)),
+        };
+        if up.moved || down.moved {
+            conn.last_activity = self.now;
+        }
+        if conn.up.is_done() && conn.down.is_done() {
+            return self.close(i, Ending::Closed);
+        }
+        if up.state == State::Busy || down.state == State::Busy {
+            let serial = conn.serial;
+            self.busy.push(Busy::Conn(i, serial));
+        }
+    }
+
+    /// Ends the deadlines that have passed: connect timeouts fail over, idle connections
+    /// close.
+    pub(super) fn fire_timers(&mut self) {
+        while let Some(&Reverse(timer)) = self.timers.peek() {
+            if timer.when > self.now {
+                return;
+            }
+            self.timers.pop();
+            let i = timer.entry as usize;
+            let Some(Some(conn)) = self.conns.get(i) else {
+                continue;
+            };
+            if conn.serial != timer.serial {
+                continue;
+            }
+            match (&conn.phase, timer.kind) {
+                (Phase::Connecting(c), TimerKind::Connect)
+                    if c.deadline.is_some_and(|d| d <= self.now) && conn.backend.is_some() =>
+                {
+                    let reason = format!("timeout after {}s", self.connect_timeout.as_secs());
+                    self.connect_failed(i, &reason);
+                }
+                (Phase::Relaying(_), TimerKind::Idle) => {
+                    let Some(idle) = self.idle_timeout else {
+                        continue;
+                    };
+                    match conn.last_activity.checked_add(idle) {
+                        Some(due) if due <= self.now => self.close(i, Ending::IdleTimeout),
+                        Some(due) => self.timers.push(Reverse(Timer { when: due, ..timer })),
+                        None => {}
+                    }
+                }
+                // A connect deadline that no longer applies (connected, or moved on).
+                _ => {}
+            }
+        }
+    }
+
+    /// Gives back the place on the channel the connection holds, if any.
+    fn release(&mut self, i: usize) {
+        if let Some(Some(conn)) = self.conns.get_mut(i) {
+            if let Some((g, c)) = conn.slot.take() {
+                self.table.release(self.row, g as usize, c as usize);
+            }
+        }
+    }
+
+    /// The serial of the connection in entry `i`, if any.
+    pub(super) fn serial_of(&self, i: usize) -> Option<u64> {
+        self.conns.get(i)?.as_ref().map(|c| c.serial)
+    }
+
+    /// Closes both sockets, gives the place back and logs what `-d`/`--log-connections` ask.
+    fn close(&mut self, i: usize, ending: Ending) {
+        let slot = self
+            .conns
+            .get(i)
+            .and_then(|c| c.as_ref())
+            .and_then(|c| c.slot);
+        self.release(i);
+        let Some(conn) = self.conns.get_mut(i).and_then(Option::take) else {
+            return;
+        };
+        self.live -= 1;
+        self.closed.push(i as u32);
+        if matches!(ending, Ending::NoChannel)
+            || !(self.config.debug || self.config.log_connections)
+        {
+            return;
+        }
+        let how = match &ending {
+            Ending::Closed | Ending::NoChannel => "closed".to_string(),
+            Ending::IdleTimeout => format!(
+                "timed out after {} seconds",
+                self.config.idle_timeout_secs.unwrap_or(0)
+            ),
+            Ending::Error(e) => format!("ended: {e}"),
+        };
+        let peer = conn.peer;
+        self.debug(format_args!("connection from {peer} {how}"));
+        if !self.config.log_connections {
+            return;
+        }
+        let (Some((g, c)), Phase::Relaying(Some(logged))) = (slot, &conn.phase) else {
+            return;
+        };
+        let text = format!(
+            "connection from {peer} via group {g} channel {c} ({}): {} bytes up, {} bytes down, {:.3}s, {how}",
+            logged.addr,
+            conn.up.bytes,
+            conn.down.bytes,
+            self.now.duration_since(logged.started).as_secs_f64()
+        );
+        self.log(Priority::Info, text);
+    }
+}
+
+/// Starts a non-blocking connect; the result comes as an event.
+fn start_connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    if let Some(src) = source {
+        if src.is_ipv4() == addr.is_ipv4() {
+            nix::sys::socket::bind(
+                fd.as_raw_fd(),
+                &SockaddrStorage::from(SocketAddr::new(src, 0)),
+            )?;
+        }
+    }
+    match nix::sys::socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(TcpStream::from_std(std::net::TcpStream::from(fd)))
+}
