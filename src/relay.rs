@@ -425,207 +425,149 @@ mod tests {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
 
-    /// A non-blocking socket pair: (our end, the peer's end).
-    fn pair() -> (UnixStream, UnixStream) {
-        let (ours, peer) = UnixStream::pair().expect("socketpair");
-        ours.set_nonblocking(true).expect("nonblocking");
-        (ours, peer)
+    /// One direction under test: `src` and `dst` are the relay's sockets, `src_peer` and
+    /// `dst_peer` the client's and backend's ends.
+    struct Rig {
+        src: UnixStream,
+        src_peer: UnixStream,
+        dst: UnixStream,
+        dst_peer: UnixStream,
+        sr: Readiness,
+        dr: Readiness,
+        flow: Flow,
+        counter: AtomicU64,
+        spares: Spares,
     }
 
-    fn ready(readable: bool, writable: bool, read_closed: bool) -> Readiness {
-        Readiness {
-            readable,
-            writable,
-            read_closed,
-            error: false,
+    impl Rig {
+        /// `src_peer` has sent `data`; epoll said `src` is readable (and, with
+        /// `fin_seen`, that the peer's FIN arrived) and `dst` writable.
+        fn new(data: &[u8], fin_seen: bool) -> Rig {
+            let pair = || {
+                let (ours, peer) = UnixStream::pair().expect("socketpair");
+                ours.set_nonblocking(true).expect("nonblocking");
+                peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .expect("timeout");
+                (ours, peer)
+            };
+            let ((src, mut src_peer), (dst, dst_peer)) = (pair(), pair());
+            src_peer.write_all(data).expect("write");
+            Rig {
+                src,
+                src_peer,
+                dst,
+                dst_peer,
+                sr: Readiness {
+                    readable: true,
+                    read_closed: fin_seen,
+                    ..Readiness::default()
+                },
+                dr: Readiness {
+                    writable: true,
+                    ..Readiness::default()
+                },
+                flow: Flow::default(),
+                counter: AtomicU64::new(0),
+                spares: Spares::default(),
+            }
+        }
+
+        /// One call of `pump`, `-p` off, the other direction still open.
+        fn pump(&mut self) -> Pumped {
+            let src = End {
+                socket: &self.src,
+                ready: &mut self.sr,
+            };
+            let dst = End {
+                socket: &self.dst,
+                ready: &mut self.dr,
+            };
+            let (flow, counter) = (&mut self.flow, &self.counter);
+            pump(flow, src, dst, false, counter, None, &mut self.spares).expect("pump")
         }
     }
 
     #[test]
     fn short_read_after_the_fin_is_the_end_and_is_passed_on() {
-        let (src, mut src_peer) = pair();
-        let (dst, mut dst_peer) = pair();
-        src_peer.write_all(b"last words").expect("write");
-        // epoll said the FIN had arrived (the peer is deliberately left open here, so that
-        // only the inference, not a second read, can have ended the direction).
-        let (mut sr, mut dr) = (ready(true, false, true), ready(false, true, false));
-        let (mut flow, counter, mut spares) =
-            (Flow::default(), AtomicU64::new(0), Spares::default());
-        let src_end = End {
-            socket: &src,
-            ready: &mut sr,
-        };
-        let dst_end = End {
-            socket: &dst,
-            ready: &mut dr,
-        };
-        let p = pump(
-            &mut flow,
-            src_end,
-            dst_end,
-            false,
-            &counter,
-            None,
-            &mut spares,
-        )
-        .expect("pump");
+        // The source's peer is deliberately left open, so that only the inference from the
+        // FIN flag, not a second read, can end the direction.
+        let mut rig = Rig::new(b"last words", true);
+        let p = rig.pump();
         assert!(p.moved);
         assert_eq!(p.state, State::Done);
-        assert_eq!(counter.load(Ordering::Relaxed), 10);
-        assert_eq!(flow.bytes, 10);
-        dst_peer
-            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .expect("timeout");
+        assert_eq!(rig.counter.load(Ordering::Relaxed), 10);
+        assert_eq!(rig.flow.bytes, 10);
         let mut got = Vec::new();
-        dst_peer.read_to_end(&mut got).expect("read to EOF");
+        rig.dst_peer.read_to_end(&mut got).expect("read to EOF");
         assert_eq!(got, b"last words", "data, then EOF from shutdown(SHUT_WR)");
-        drop(src_peer);
     }
 
     #[test]
     fn without_the_fin_a_short_read_only_clears_readable() {
-        let (src, mut src_peer) = pair();
-        let (dst, mut dst_peer) = pair();
-        src_peer.write_all(b"ping").expect("write");
-        let (mut sr, mut dr) = (ready(true, false, false), ready(false, true, false));
-        let (mut flow, counter, mut spares) =
-            (Flow::default(), AtomicU64::new(0), Spares::default());
-        let p = pump(
-            &mut flow,
-            End {
-                socket: &src,
-                ready: &mut sr,
-            },
-            End {
-                socket: &dst,
-                ready: &mut dr,
-            },
-            false,
-            &counter,
-            None,
-            &mut spares,
-        )
-        .expect("pump");
+        let mut rig = Rig::new(b"ping", false);
+        let p = rig.pump();
         assert_eq!(p.state, State::Waiting);
-        assert!(!sr.readable, "a short read means the socket is empty");
-        assert!(!flow.is_done());
+        assert!(!rig.sr.readable, "a short read means the socket is empty");
+        assert!(!rig.flow.is_done());
         let mut buf = [0u8; 4];
-        dst_peer.read_exact(&mut buf).expect("read");
+        rig.dst_peer.read_exact(&mut buf).expect("read");
         assert_eq!(&buf, b"ping");
     }
 
     #[test]
     fn a_full_destination_keeps_the_rest_until_it_can_take_it() {
-        let (src, mut src_peer) = pair();
-        let (dst, mut dst_peer) = pair();
+        let message: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let mut rig = Rig::new(&message, false);
         // Fill the destination until it refuses more.
         let mut filled = 0usize;
         for _ in 0..10_000 {
-            match nix::sys::socket::send(dst.as_raw_fd(), &[b'f'; 4096], MsgFlags::MSG_DONTWAIT) {
+            let filler = [b'f'; 4096];
+            match nix::sys::socket::send(rig.dst.as_raw_fd(), &filler, MsgFlags::MSG_DONTWAIT) {
                 Ok(n) => filled += n,
                 Err(_) => break,
             }
         }
         assert!(filled > 0);
-        let message: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
-        src_peer.write_all(&message).expect("write");
-        let (mut sr, mut dr) = (ready(true, false, false), ready(false, true, false));
-        let (mut flow, counter, mut spares) =
-            (Flow::default(), AtomicU64::new(0), Spares::default());
-        let p = pump(
-            &mut flow,
-            End {
-                socket: &src,
-                ready: &mut sr,
-            },
-            End {
-                socket: &dst,
-                ready: &mut dr,
-            },
-            false,
-            &counter,
-            None,
-            &mut spares,
-        )
-        .expect("pump");
-        assert_eq!(p.state, State::Waiting);
-        assert!(!dr.writable, "the refused write clears writable");
+        assert_eq!(rig.pump().state, State::Waiting);
+        assert!(!rig.dr.writable, "the refused write clears writable");
         assert!(
-            matches!(flow.pending, Pending::Buffer(..)),
+            matches!(rig.flow.pending, Pending::Buffer(..)),
             "the rest waits in a buffer"
         );
         // The peer drains; epoll would now say writable.
-        dst_peer
-            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .expect("timeout");
         let mut sink = vec![0u8; filled];
-        dst_peer.read_exact(&mut sink).expect("drain the filler");
-        dr.writable = true;
-        let p = pump(
-            &mut flow,
-            End {
-                socket: &src,
-                ready: &mut sr,
-            },
-            End {
-                socket: &dst,
-                ready: &mut dr,
-            },
-            false,
-            &counter,
-            None,
-            &mut spares,
-        )
-        .expect("pump again");
-        assert_eq!(p.state, State::Waiting);
-        assert!(matches!(flow.pending, Pending::Nothing));
+        rig.dst_peer
+            .read_exact(&mut sink)
+            .expect("drain the filler");
+        rig.dr.writable = true;
+        assert_eq!(rig.pump().state, State::Waiting);
+        assert!(matches!(rig.flow.pending, Pending::Nothing));
         let mut got = vec![0u8; message.len()];
-        dst_peer.read_exact(&mut got).expect("read the message");
+        rig.dst_peer.read_exact(&mut got).expect("read the message");
         assert_eq!(got, message, "every byte, in order");
-        assert_eq!(counter.load(Ordering::Relaxed), message.len() as u64);
+        assert_eq!(rig.counter.load(Ordering::Relaxed), message.len() as u64);
     }
 
     #[test]
     fn a_read_that_fills_the_buffer_switches_to_splice() {
-        let (src, mut src_peer) = pair();
-        let (dst, mut dst_peer) = pair();
         let data: Vec<u8> = (0..(SMALL * 3) as u32).map(|i| (i % 253) as u8).collect();
-        let writer = std::thread::spawn(move || {
-            src_peer.write_all(&data).expect("write");
-            data
-        });
+        let mut rig = Rig::new(&data, false);
+        let mut dst_peer = rig.dst_peer.try_clone().expect("clone");
         let reader = std::thread::spawn(move || {
             let mut got = vec![0u8; SMALL * 3];
             dst_peer.read_exact(&mut got).expect("read");
             got
         });
-        let (mut flow, counter, mut spares) =
-            (Flow::default(), AtomicU64::new(0), Spares::default());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while counter.load(Ordering::Relaxed) < (SMALL * 3) as u64 {
+        while rig.counter.load(Ordering::Relaxed) < data.len() as u64 {
             assert!(std::time::Instant::now() < deadline, "relay stalled");
-            let (mut sr, mut dr) = (ready(true, false, false), ready(false, true, false));
-            pump(
-                &mut flow,
-                End {
-                    socket: &src,
-                    ready: &mut sr,
-                },
-                End {
-                    socket: &dst,
-                    ready: &mut dr,
-                },
-                false,
-                &counter,
-                None,
-                &mut spares,
-            )
-            .expect("pump");
+            (rig.sr.readable, rig.dr.writable) = (true, true);
+            rig.pump();
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        let sent = writer.join().expect("writer");
-        assert_eq!(reader.join().expect("reader"), sent);
-        assert!(flow.bulk, "a full read makes the direction bulk");
+        assert_eq!(reader.join().expect("reader"), data);
+        assert!(rig.flow.bulk, "a full read makes the direction bulk");
+        drop(rig.src_peer);
     }
 
     #[test]
