@@ -1,8 +1,11 @@
 //! Process life of the real binary: privilege separation as seen in /proc, daemon mode,
-//! start-up failures reported by the launch, pid file, SIGTERM, debug output.
+//! start-up failures reported by the launch, pid file, SIGTERM, debug output, descriptor
+//! limits.
 
 mod common;
 
+use std::io::Read;
+use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -359,4 +362,82 @@ fn workers_get_the_whole_open_file_limit() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(&fields[3..5], ["8192", "8192"], "{line}");
     }
+}
+
+/// The descriptor numbers process `pid` has open.
+fn open_fds(pid: u32) -> std::collections::BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd list")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_worker_out_of_descriptors_serves_waiting_clients_once_it_has_room() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let operands = [backend.operand()];
+    let start = |limit: u64| {
+        let nofile = format!("--nofile={limit}:{limit}");
+        Balance::start_with(Start {
+            operands: &operands,
+            workers: 1,
+            wrapper: &["prlimit", nofile.as_str(), "--"],
+            ..Start::default()
+        })
+    };
+    // A first run shows which descriptors an idle worker and its supervisor hold (root
+    // cannot lower a running worker's limit here: it is in another user's namespace).
+    let probe = start(256);
+    let (worker_fds, supervisor_fds) = (open_fds(probe.workers()[0]), open_fds(probe.pid));
+    drop(probe);
+    // A limit that leaves the worker an even number of free descriptors (each connection
+    // takes two), and the supervisor room to spawn.
+    let free_below = |limit: u64| (0..limit).filter(|n| !worker_fds.contains(n)).count();
+    let mut limit = supervisor_fds.last().copied().unwrap_or(0) + 16;
+    if free_below(limit) % 2 == 1 {
+        limit += 1;
+    }
+    let connections = free_below(limit) / 2;
+    let b = start(limit);
+    let held: Vec<TcpStream> = (0..connections)
+        .map(|_| {
+            let (conn, tag) = hold(b.addr());
+            assert_eq!(tag, "B1", "served within the limit of {limit}");
+            conn
+        })
+        .collect();
+    let worker = b.workers()[0];
+    assert_eq!(
+        open_fds(worker).len() as u64,
+        limit,
+        "every descriptor in use"
+    );
+    // The next accept fails with EMFILE: the client waits in the kernel's queue.
+    let mut waiting = TcpStream::connect(b.addr()).expect("the kernel queues the connection");
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut tag = [0u8; 2];
+    assert!(
+        waiting.read_exact(&mut tag).is_err(),
+        "served although the worker had no descriptor left"
+    );
+    // Room again: the worker retries accepting on its own (no new connection wakes it).
+    drop(held);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    waiting
+        .read_exact(&mut tag)
+        .expect("served once descriptors were free");
+    assert_eq!(&tag, b"B1");
+    assert_eq!(
+        b.workers(),
+        vec![worker],
+        "the same worker, not a replacement"
+    );
 }

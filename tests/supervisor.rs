@@ -196,3 +196,23 @@ fn a_pool_that_cannot_run_ends_balance_with_an_error() {
     assert!(err.contains("no worker could run"), "{err}");
     assert!(!b.table_path().exists(), "table removed on the way out");
 }
+
+#[test]
+fn workers_exit_when_the_supervisor_is_killed() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[backend.operand()]);
+    // A worker in the middle of a connection goes too: its supervisor channel closed.
+    let (_conn, tag) = hold(b.addr());
+    assert_eq!(tag, "B1");
+    let workers = b.workers();
+    assert!(!workers.is_empty());
+    signal(b.pid, Signal::SIGKILL);
+    let gone = |w: &u32| proc_state(*w).is_none_or(|(state, _)| state == 'Z');
+    assert!(
+        wait_until(Duration::from_secs(5), || workers.iter().all(gone)),
+        "workers outlived their supervisor: {workers:?}"
+    );
+}
