@@ -136,7 +136,7 @@ pub fn run() -> Result<(), WorkerError> {
         closed: Vec::new(),
         live: 0,
         serial: 0,
-        timers: BinaryHeap::new(),
+        timers: Deadlines::default(),
         busy: Vec::new(),
         draining: false,
         cache: None,
@@ -167,6 +167,39 @@ fn receive_start(
         .ok_or_else(|| WorkerError("no table descriptor".into()))?;
     let listeners = fds.into_iter().map(std::net::TcpListener::from).collect();
     Ok((config, listeners, table))
+}
+
+/// The connections' deadlines, earliest first. A heap cannot take out the deadline of a
+/// connection that closed or moved on: such entries are skipped when they come up, and swept
+/// out whenever they outnumber the live connections. Without the sweep, every short
+/// connection would leave its idle deadline behind for the whole `-T`: at 5,000 connections
+/// a second and `-T 3600`, half a gigabyte.
+#[derive(Default)]
+struct Deadlines(BinaryHeap<Reverse<Timer>>);
+
+/// Entries allowed beyond twice the live connections before a sweep.
+const DEADLINE_SLACK: usize = 64;
+
+impl Deadlines {
+    /// Adds a deadline; `applies` tells a current entry from a stale one for the sweep.
+    fn push(&mut self, timer: Timer, live: usize, applies: impl Fn(&Timer) -> bool) {
+        if self.0.len() >= 2 * live + DEADLINE_SLACK {
+            self.0.retain(|Reverse(t)| applies(t));
+        }
+        self.0.push(Reverse(timer));
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.0.peek().map(|Reverse(t)| t.when)
+    }
+
+    /// The earliest deadline, if it has passed.
+    fn pop_due(&mut self, now: Instant) -> Option<Timer> {
+        match self.0.peek() {
+            Some(Reverse(t)) if t.when <= now => self.0.pop().map(|Reverse(t)| t),
+            _ => None,
+        }
+    }
 }
 
 /// A deadline of one connection (by entry and serial).
@@ -215,7 +248,7 @@ struct Worker {
     live: usize,
     serial: u64,
     /// Deadlines, earliest first. Stale ones are skipped when they come up.
-    timers: BinaryHeap<Reverse<Timer>>,
+    timers: Deadlines,
     busy: Vec<Busy>,
     draining: bool,
     cache: Option<Rc<Snapshot>>,
@@ -288,13 +321,10 @@ impl Worker {
         if !self.busy.is_empty() {
             return Some(Duration::ZERO);
         }
-        let next = [
-            self.timers.peek().map(|Reverse(t)| t.when),
-            self.accept_paused_until,
-        ]
-        .into_iter()
-        .flatten()
-        .min()?;
+        let next = [self.timers.next(), self.accept_paused_until]
+            .into_iter()
+            .flatten()
+            .min()?;
         // Round up so that the wake-up is not a millisecond early.
         Some(next.saturating_duration_since(Instant::now()) + Duration::from_micros(999))
     }
@@ -412,5 +442,60 @@ impl Worker {
                 nix::sys::socket::MsgFlags::MSG_DONTWAIT,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timer(when: Instant, entry: u32) -> Timer {
+        Timer {
+            when,
+            entry,
+            serial: u64::from(entry),
+            kind: TimerKind::Idle,
+        }
+    }
+
+    #[test]
+    fn stale_deadlines_are_swept_once_they_outnumber_the_live_connections() {
+        let now = Instant::now();
+        let mut d = Deadlines::default();
+        // 10 live connections with odd entries; 10,000 closed ones came and went.
+        let applies = |t: &Timer| t.entry % 2 == 1 && t.entry < 20;
+        for entry in 0..10_000u32 {
+            let when = now + Duration::from_secs(3600 + u64::from(entry));
+            d.push(timer(when, entry), 10, applies);
+            assert!(
+                d.0.len() <= 2 * 10 + DEADLINE_SLACK + 1,
+                "the heap grew to {}",
+                d.0.len()
+            );
+        }
+        // The live connections' deadlines survived every sweep.
+        let kept: Vec<u32> =
+            d.0.iter()
+                .map(|Reverse(t)| t.entry)
+                .filter(|&e| e < 20)
+                .collect();
+        assert_eq!(kept.iter().filter(|&&e| e % 2 == 1).count(), 10);
+    }
+
+    #[test]
+    fn deadlines_come_due_earliest_first() {
+        let now = Instant::now();
+        let mut d = Deadlines::default();
+        for (entry, secs) in [(1u32, 3u64), (2, 1), (3, 2)] {
+            d.push(timer(now + Duration::from_secs(secs), entry), 3, |_| true);
+        }
+        assert_eq!(d.next(), Some(now + Duration::from_secs(1)));
+        assert!(d.pop_due(now).is_none(), "nothing is due yet");
+        let later = now + Duration::from_secs(2);
+        let due: Vec<u32> = std::iter::from_fn(|| d.pop_due(later))
+            .map(|t| t.entry)
+            .collect();
+        assert_eq!(due, vec![2, 3]);
+        assert_eq!(d.next(), Some(now + Duration::from_secs(3)));
     }
 }

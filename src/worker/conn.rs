@@ -3,7 +3,6 @@
 //! and deadlines of a connection; everything a connection does happens in this file, in
 //! that order.
 
-use std::cmp::Reverse;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -256,12 +255,13 @@ impl Worker {
             connecting.deadline = deadline;
         }
         if let Some(when) = deadline {
-            self.timers.push(Reverse(Timer {
+            let serial = conn.serial;
+            self.set_deadline(Timer {
                 when,
                 entry: i as u32,
-                serial: conn.serial,
+                serial,
                 kind: TimerKind::Connect,
-            }));
+            });
         }
         Ok(())
     }
@@ -336,12 +336,13 @@ impl Worker {
         conn.last_activity = self.now;
         // A timeout too large to represent never fires.
         if let Some(when) = self.idle_timeout.and_then(|d| self.now.checked_add(d)) {
-            self.timers.push(Reverse(Timer {
+            let serial = conn.serial;
+            self.set_deadline(Timer {
                 when,
                 entry: i as u32,
-                serial: conn.serial,
+                serial,
                 kind: TimerKind::Idle,
-            }));
+            });
         }
         self.debug(format_args!("connect to group {g} channel {c} successful"));
         self.relay(i);
@@ -414,11 +415,7 @@ impl Worker {
     /// Ends the deadlines that have passed: connect timeouts fail over, idle connections
     /// close.
     pub(super) fn fire_timers(&mut self) {
-        while let Some(&Reverse(timer)) = self.timers.peek() {
-            if timer.when > self.now {
-                return;
-            }
-            self.timers.pop();
+        while let Some(timer) = self.timers.pop_due(self.now) {
             let i = timer.entry as usize;
             let Some(Some(conn)) = self.conns.get(i) else {
                 continue;
@@ -439,7 +436,7 @@ impl Worker {
                     };
                     match conn.last_activity.checked_add(idle) {
                         Some(due) if due <= self.now => self.close(i, Ending::IdleTimeout),
-                        Some(due) => self.timers.push(Reverse(Timer { when: due, ..timer })),
+                        Some(due) => self.set_deadline(Timer { when: due, ..timer }),
                         None => {}
                     }
                 }
@@ -447,6 +444,12 @@ impl Worker {
                 _ => {}
             }
         }
+    }
+
+    fn set_deadline(&mut self, timer: Timer) {
+        let conns = &self.conns;
+        self.timers
+            .push(timer, self.live, |t| deadline_applies(conns, t));
     }
 
     /// Gives back the place on the channel the connection holds, if any.
@@ -506,6 +509,20 @@ impl Worker {
         );
         self.log(Priority::Info, text);
     }
+}
+
+/// Whether a deadline still applies: its connection is open and in the phase the deadline
+/// was set for (for a connect deadline, the same attempt).
+fn deadline_applies(conns: &[Option<Conn>], t: &Timer) -> bool {
+    let Some(Some(conn)) = conns.get(t.entry as usize) else {
+        return false;
+    };
+    conn.serial == t.serial
+        && match (&conn.phase, t.kind) {
+            (Phase::Connecting(c), TimerKind::Connect) => c.deadline == Some(t.when),
+            (Phase::Relaying(_), TimerKind::Idle) => true,
+            _ => false,
+        }
 }
 
 /// Starts a non-blocking connect; the result comes as an event.
