@@ -71,7 +71,8 @@ const EVENTS: usize = 1024;
 const ACCEPT_BUDGET: usize = 64;
 /// Pause after an accept failed for lack of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-const FULL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Per-channel notices (full, refusing) are logged at most this often.
+const NOTICE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The worker's entry point; returns only on a start-up error or when it is done.
 pub fn run() -> Result<(), WorkerError> {
@@ -140,7 +141,7 @@ pub fn run() -> Result<(), WorkerError> {
         busy: Vec::new(),
         draining: false,
         cache: None,
-        full_logged: HashMap::new(),
+        notices: HashMap::new(),
         spares: relay::Spares::default(),
         now,
     };
@@ -219,6 +220,21 @@ enum TimerKind {
     Idle,
 }
 
+/// The per-channel notices that are throttled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Notice {
+    /// The channel reached maxc.
+    Full,
+    /// A connect to the channel failed.
+    Failed,
+}
+
+/// When a notice was last logged, and how many were held back since.
+struct Throttled {
+    last: Instant,
+    held: u32,
+}
+
 /// Work left over because a budget ran out.
 #[derive(Clone, Copy)]
 enum Busy {
@@ -253,7 +269,7 @@ struct Worker {
     draining: bool,
     cache: Option<Rc<Snapshot>>,
     /// When "maxc reached" was last logged, per channel.
-    full_logged: HashMap<(usize, usize), Instant>,
+    notices: HashMap<(Notice, usize, usize), Throttled>,
     spares: relay::Spares,
     /// The time after the last wait; good enough for timeouts and activity.
     now: Instant,
@@ -416,21 +432,27 @@ impl Worker {
         self.notify(Message::Log { priority, text });
     }
 
-    /// Logs that a channel turned a connection away because of maxc, at most once a second
-    /// per channel (under load this would otherwise be a line per connection).
-    fn note_full(&mut self, g: usize, c: usize, maxc: i32) {
+    /// Logs a notice about channel (g, c) that could otherwise come once per connection (a
+    /// full channel, a refusing one): the first at once, then at most one a second per
+    /// channel and kind, saying how many were held back meanwhile. `text` is only built
+    /// when the line is logged.
+    fn notice(&mut self, kind: Notice, (g, c): (usize, usize), text: impl FnOnce() -> String) {
         let now = self.now;
-        let due = self
-            .full_logged
-            .get(&(g, c))
-            .is_none_or(|last| now.duration_since(*last) >= FULL_LOG_INTERVAL);
-        if due {
-            self.full_logged.insert((g, c), now);
-            self.log(
-                Priority::Notice,
-                format!("group {g} channel {c} reached maxc {maxc}; trying the next channel"),
-            );
+        let held = match self.notices.get_mut(&(kind, g, c)) {
+            Some(t) if now.duration_since(t.last) < NOTICE_INTERVAL => {
+                t.held += 1;
+                return;
+            }
+            Some(t) => std::mem::take(&mut t.held),
+            None => 0,
+        };
+        self.notices
+            .insert((kind, g, c), Throttled { last: now, held: 0 });
+        let mut line = text();
+        if held > 0 {
+            line.push_str(&format!(" ({held} more like this since the last notice)"));
         }
+        self.log(Priority::Notice, line);
     }
 
     /// Sends a message to the supervisor without waiting; a full channel drops it.

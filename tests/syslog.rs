@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -384,4 +384,44 @@ fn without_syslog_balance_runs_and_says_so_once() {
     let err = b.stderr();
     assert_eq!(err.matches("cannot reach syslog").count(), 1, "{err}");
     assert!(err.contains(&missing.display().to_string()), "{err}");
+}
+
+#[test]
+fn a_refusing_channel_is_logged_once_a_second_not_once_a_connection() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-throttle");
+    let rx = Receiver::bind(&dir.join("log"));
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let flags = syslog_flags(&rx.path);
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    // Round robin over [dead, B1]: every connection tries the dead channel first.
+    let operands = [refused_operand(), b1.operand()];
+    let b = Balance::start_with(Start {
+        flags: &flag_refs,
+        operands: &operands,
+        workers: 1,
+        ..Start::default()
+    });
+    let failed = "connection failed group 0 channel 0";
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(greeting(b.addr()), "B1", "fails over to channel 1");
+    }
+    let elapsed = started.elapsed();
+    rx.expect(DAEMON_NOTICE, &[failed]);
+    std::thread::sleep(Duration::from_millis(300));
+    let count = rx.lines().iter().filter(|l| l.contains(failed)).count();
+    assert!(
+        count <= 2 + elapsed.as_secs() as usize,
+        "{count} failure lines for 20 connections in {elapsed:?}"
+    );
+    // A second later the next failure is logged again, with what was held back.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(greeting(b.addr()), "B1");
+    rx.expect(
+        DAEMON_NOTICE,
+        &[failed, "more like this since the last notice"],
+    );
 }

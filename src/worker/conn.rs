@@ -14,7 +14,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Token};
 use nix::errno::Errno;
 
-use super::{Busy, Timer, TimerKind, Worker, CONN_BASE};
+use super::{Busy, Notice, Timer, TimerKind, Worker, CONN_BASE};
 use crate::ipc::{Message, Priority};
 use crate::relay::{self, Direction, End, Flow, Readiness, State};
 use crate::select::{self, Candidate};
@@ -220,7 +220,10 @@ impl Worker {
         let addr = ch.addr?;
         if !self.table.reserve(self.row, g, c, ch.maxc) {
             self.debug(format_args!("group {g} channel {c} is full"));
-            self.note_full(g, c, ch.maxc);
+            let maxc = ch.maxc;
+            self.notice(Notice::Full, (g, c), || {
+                format!("group {g} channel {c} reached maxc {maxc}; trying the next channel")
+            });
             return None;
         }
         if group.kind == GroupKind::RoundRobin {
@@ -294,10 +297,9 @@ impl Worker {
             None => "no channel left to try".to_string(),
         };
         self.release(i);
-        self.log(
-            Priority::Notice,
-            format!("connection failed group {g} channel {c} ({addr}): {reason}; {next}"),
-        );
+        self.notice(Notice::Failed, (g, c), || {
+            format!("connection failed group {g} channel {c} ({addr}): {reason}; {next}")
+        });
         if self.config.autodisable {
             self.notify(Message::Disable {
                 group: g as u32,
