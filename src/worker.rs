@@ -263,12 +263,11 @@ struct Worker {
     closed: Vec<u32>,
     live: usize,
     serial: u64,
-    /// Deadlines, earliest first. Stale ones are skipped when they come up.
     timers: Deadlines,
     busy: Vec<Busy>,
     draining: bool,
     cache: Option<Rc<Snapshot>>,
-    /// When "maxc reached" was last logged, per channel.
+    /// The throttled per-channel notices, by kind and channel.
     notices: HashMap<(Notice, usize, usize), Throttled>,
     spares: relay::Spares,
     /// The time after the last wait; good enough for timeouts and activity.
