@@ -285,24 +285,15 @@ impl Worker {
                 Err(e) => return Err(fail("epoll", e)),
             }
             self.now = Instant::now();
-            for ev in events.iter() {
-                let token = ev.token().0;
-                let error = ev.is_error();
-                let read_closed = ev.is_read_closed();
-                if token >= CONN_BASE {
-                    let ready = Readiness {
-                        readable: ev.is_readable(),
-                        writable: ev.is_writable(),
-                        read_closed,
-                        error,
-                    };
-                    self.on_socket_event((token - CONN_BASE) / 2, token % 2 == 1, ready);
-                } else if token == CHANNEL.0 {
-                    if !self.on_supervisor() {
+            // Backend events (replies, finished connects) first: they move requests already
+            // in flight, and doing so before taking new ones shortens the tail (interleaved
+            // wrk runs at c64: p99 about 10 % lower, and slightly less CPU per request).
+            for backends in [true, false] {
+                for ev in events.iter() {
+                    let token = ev.token().0;
+                    if (token >= CONN_BASE && token % 2 == 1) == backends && !self.on_event(ev) {
                         return Ok(());
                     }
-                } else {
-                    self.accept(token - 1);
                 }
             }
             for work in std::mem::take(&mut self.busy) {
@@ -329,6 +320,25 @@ impl Worker {
                 return Ok(());
             }
         }
+    }
+
+    /// Handles one event; false when the worker must exit now (the supervisor is gone).
+    fn on_event(&mut self, ev: &mio::event::Event) -> bool {
+        let token = ev.token().0;
+        if token >= CONN_BASE {
+            let ready = Readiness {
+                readable: ev.is_readable(),
+                writable: ev.is_writable(),
+                read_closed: ev.is_read_closed(),
+                error: ev.is_error(),
+            };
+            self.on_socket_event((token - CONN_BASE) / 2, token % 2 == 1, ready);
+        } else if token == CHANNEL.0 {
+            return self.on_supervisor();
+        } else {
+            self.accept(token - 1);
+        }
+        true
     }
 
     /// How long the next wait may block: not past the next deadline.
