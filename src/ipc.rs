@@ -143,22 +143,34 @@ pub fn send_blocking(
 pub fn recv_blocking(
     sock: &std::os::unix::net::UnixDatagram,
 ) -> Result<(Message, Vec<OwnedFd>), IpcError> {
-    let mut buf = [0u8; MAX_MESSAGE + 1];
-    let mut raw = [0 as RawFd; MAX_FDS];
-    let (n, nfds) = sock.recv_with_fd(&mut buf, &mut raw)?;
-    accept_packet(&buf, n, &raw[..nfds])
+    loop {
+        if let Some(received) = recv_packet(sock)? {
+            return Ok(received);
+        }
+    }
 }
 
 /// Receives one message from a non-blocking std socket; None when none is waiting.
 pub fn try_recv(
     sock: &std::os::unix::net::UnixDatagram,
 ) -> Result<Option<(Message, Vec<OwnedFd>)>, IpcError> {
+    recv_packet(sock)
+}
+
+/// Receives and checks one packet; None when none was waiting or the call was interrupted.
+fn recv_packet(sock: &impl RecvWithFd) -> Result<Option<(Message, Vec<OwnedFd>)>, IpcError> {
     let mut buf = [0u8; MAX_MESSAGE + 1];
     let mut raw = [0 as RawFd; MAX_FDS];
     match sock.recv_with_fd(&mut buf, &mut raw) {
         Ok((n, nfds)) => accept_packet(&buf, n, &raw[..nfds]).map(Some),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -182,14 +194,10 @@ pub async fn send(
 
 /// Receives one message from a tokio socket.
 pub async fn recv(sock: &tokio::net::UnixDatagram) -> Result<(Message, Vec<OwnedFd>), IpcError> {
-    let mut buf = [0u8; MAX_MESSAGE + 1];
-    let mut raw = [0 as RawFd; MAX_FDS];
     loop {
         sock.readable().await?;
-        match sock.recv_with_fd(&mut buf, &mut raw) {
-            Ok((n, nfds)) => return accept_packet(&buf, n, &raw[..nfds]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.into()),
+        if let Some(received) = recv_packet(sock)? {
+            return Ok(received);
         }
     }
 }

@@ -21,6 +21,7 @@
 //! supervisor to disable a failed channel (`-a`). It exits when the supervisor's channel closes.
 
 use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
 use std::fs::File;
 use std::io;
@@ -447,16 +448,21 @@ impl Worker {
     /// when the line is logged.
     fn notice(&mut self, kind: Notice, (g, c): (usize, usize), text: impl FnOnce() -> String) {
         let now = self.now;
-        let held = match self.notices.get_mut(&(kind, g, c)) {
-            Some(t) if now.duration_since(t.last) < NOTICE_INTERVAL => {
-                t.held += 1;
-                return;
+        let held = match self.notices.entry((kind, g, c)) {
+            Entry::Occupied(mut seen) => {
+                let t = seen.get_mut();
+                if now.duration_since(t.last) < NOTICE_INTERVAL {
+                    t.held += 1;
+                    return;
+                }
+                t.last = now;
+                std::mem::take(&mut t.held)
             }
-            Some(t) => std::mem::take(&mut t.held),
-            None => 0,
+            Entry::Vacant(first) => {
+                first.insert(Throttled { last: now, held: 0 });
+                0
+            }
         };
-        self.notices
-            .insert((kind, g, c), Throttled { last: now, held: 0 });
         let mut line = text();
         if held > 0 {
             line.push_str(&format!(" ({held} more like this since the last notice)"));

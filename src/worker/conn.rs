@@ -154,20 +154,13 @@ impl Worker {
             return;
         }
         // Writable after a non-blocking connect: connected, unless an error came with it.
-        let result = if r.error {
-            match conn.backend.as_ref().map(|b| b.take_error()) {
-                Some(Ok(Some(e))) | Some(Err(e)) => Err(e),
-                _ => Ok(()),
-            }
-        } else {
-            Ok(())
+        let failed = match (&conn.backend, r.error) {
+            (Some(b), true) => b.take_error().unwrap_or_else(Some),
+            _ => None,
         };
-        match result {
-            Ok(()) => self.connected(i),
-            Err(e) => {
-                let reason = e.to_string();
-                self.connect_failed(i, &reason);
-            }
+        match failed {
+            None => self.connected(i),
+            Some(e) => self.connect_failed(i, &e.to_string()),
         }
     }
 
@@ -283,21 +276,22 @@ impl Worker {
         // Closing the socket also takes it out of epoll.
         conn.backend = None;
         conn.backend_ready = Readiness::default();
-        let Phase::Connecting(connecting) = &conn.phase else {
+        let Phase::Connecting(connecting) = &mut conn.phase else {
             return;
         };
+        connecting.deadline = None;
         let Some((g, c)) = conn.slot.map(|(g, c)| (g as usize, c as usize)) else {
             return;
         };
-        let addr = connecting.snap.groups[g].channels[c]
-            .addr
-            .map_or_else(|| "?".to_string(), |a| a.to_string());
-        let next = match connecting.candidates.get(connecting.next) {
-            Some((ng, nc)) => format!("failing over to group {ng} channel {nc}"),
-            None => "no channel left to try".to_string(),
-        };
+        let addr = connecting.snap.groups[g].channels[c].addr;
+        let next = connecting.candidates.get(connecting.next).copied();
         self.release(i);
         self.notice(Notice::Failed, (g, c), || {
+            let addr = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
+            let next = match next {
+                Some((ng, nc)) => format!("failing over to group {ng} channel {nc}"),
+                None => "no channel left to try".to_string(),
+            };
             format!("connection failed group {g} channel {c} ({addr}): {reason}; {next}")
         });
         if self.config.autodisable {
@@ -418,32 +412,26 @@ impl Worker {
     /// close.
     pub(super) fn fire_timers(&mut self) {
         while let Some(timer) = self.timers.pop_due(self.now) {
-            let i = timer.entry as usize;
-            let Some(Some(conn)) = self.conns.get(i) else {
-                continue;
-            };
-            if conn.serial != timer.serial {
+            if !deadline_applies(&self.conns, &timer) {
                 continue;
             }
-            match (&conn.phase, timer.kind) {
-                (Phase::Connecting(c), TimerKind::Connect)
-                    if c.deadline.is_some_and(|d| d <= self.now) && conn.backend.is_some() =>
-                {
+            let i = timer.entry as usize;
+            match timer.kind {
+                TimerKind::Connect => {
                     let reason = format!("timeout after {}s", self.connect_timeout.as_secs());
                     self.connect_failed(i, &reason);
                 }
-                (Phase::Relaying(_), TimerKind::Idle) => {
-                    let Some(idle) = self.idle_timeout else {
-                        continue;
-                    };
-                    match conn.last_activity.checked_add(idle) {
+                TimerKind::Idle => {
+                    let last = self.conns[i].as_ref().map(|c| c.last_activity);
+                    let due = last
+                        .zip(self.idle_timeout)
+                        .and_then(|(l, d)| l.checked_add(d));
+                    match due {
                         Some(due) if due <= self.now => self.close(i, Ending::IdleTimeout),
                         Some(due) => self.set_deadline(Timer { when: due, ..timer }),
                         None => {}
                     }
                 }
-                // A connect deadline that no longer applies (connected, or moved on).
-                _ => {}
             }
         }
     }
@@ -470,15 +458,12 @@ impl Worker {
 
     /// Closes both sockets, gives the place back and logs what `-d`/`--log-connections` ask.
     fn close(&mut self, i: usize, ending: Ending) {
-        let slot = self
-            .conns
-            .get(i)
-            .and_then(|c| c.as_ref())
-            .and_then(|c| c.slot);
-        self.release(i);
         let Some(conn) = self.conns.get_mut(i).and_then(Option::take) else {
             return;
         };
+        if let Some((g, c)) = conn.slot {
+            self.table.release(self.row, g as usize, c as usize);
+        }
         self.live -= 1;
         self.closed.push(i as u32);
         if matches!(ending, Ending::NoChannel)
@@ -499,7 +484,7 @@ impl Worker {
         if !self.config.log_connections {
             return;
         }
-        let (Some((g, c)), Phase::Relaying(Some(logged))) = (slot, &conn.phase) else {
+        let (Some((g, c)), Phase::Relaying(Some(logged))) = (conn.slot, &conn.phase) else {
             return;
         };
         let text = format!(
