@@ -208,12 +208,22 @@ pub fn pump<S: AsFd>(
         if !src.ready.can_read() {
             return waiting(moved);
         }
-        let read = if flow.bulk && dump.is_none() {
-            splice_in(src.socket, spares, &mut flow.pending)?
+        let pipe = if flow.bulk && dump.is_none() {
+            match spares.take() {
+                Ok(pipe) => Some(pipe),
+                // No descriptor (or memory) left for a pipe: this chunk takes the copying
+                // path, which needs none, instead of costing the connection.
+                Err(e) if is_shortage(&e) => None,
+                Err(e) => return Err(e),
+            }
         } else {
-            copy(
+            None
+        };
+        let read = match pipe {
+            Some(pipe) => splice_in(src.socket, pipe, spares, &mut flow.pending)?,
+            None => copy(
                 flow, src.socket, src.ready, dst.socket, dst.ready, dump, spares,
-            )?
+            )?,
         };
         match read {
             None => {
@@ -297,13 +307,22 @@ fn send_with(dst: &impl AsFd, data: &[u8], flags: MsgFlags) -> Result<usize, Err
     }
 }
 
-/// Reads one chunk from the source into a pipe. None: the socket was empty.
+/// Whether an error says this process is out of descriptors or memory: a local shortage
+/// that passes, not a fault of the connection or of its backend.
+pub fn is_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ENOSPC)
+    )
+}
+
+/// Reads one chunk from the source into `pipe`. None: the socket was empty.
 fn splice_in(
     src: &impl AsFd,
+    pipe: Pipe,
     spares: &mut Spares,
     pending: &mut Pending,
 ) -> io::Result<Option<usize>> {
-    let pipe = spares.take()?;
     match splice(src, None, &pipe.1, None, pipe.2, flags()) {
         Ok(0) => {
             spares.give_back(pipe);

@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
 use crate::ipc::{self, Message, Priority, WorkerConfig};
@@ -228,6 +227,8 @@ enum Notice {
     Full,
     /// A connect to the channel failed.
     Failed,
+    /// No socket could be opened for the channel: the worker is out of descriptors.
+    Shortage,
 }
 
 /// When a notice was last logged, and how many were held back since.
@@ -392,16 +393,14 @@ impl Worker {
             match listener.accept() {
                 Ok((client, peer)) => self.open(client, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => match e.raw_os_error().map(Errno::from_raw) {
-                    Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM) => {
-                        // Out of descriptors or memory: back off instead of spinning.
-                        self.debug(format_args!("accept error {e}"));
-                        self.accept_paused_until = Some(self.now + ACCEPT_BACKOFF);
-                        return;
-                    }
-                    // The client gave up before we took it, or the like: take the next.
-                    _ => self.debug(format_args!("accept error {e}")),
-                },
+                Err(e) if relay::is_shortage(&e) => {
+                    // Out of descriptors or memory: back off instead of spinning.
+                    self.debug(format_args!("accept error {e}"));
+                    self.accept_paused_until = Some(self.now + ACCEPT_BACKOFF);
+                    return;
+                }
+                // The client gave up before we took it, or the like: take the next.
+                Err(e) => self.debug(format_args!("accept error {e}")),
             }
         }
         self.busy.push(Busy::Listener(i));

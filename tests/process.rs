@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
@@ -373,17 +373,19 @@ fn open_fds(pid: u32) -> std::collections::BTreeSet<u64> {
         .collect()
 }
 
-#[test]
-fn a_worker_out_of_descriptors_serves_waiting_clients_once_it_has_room() {
-    if !require_root() {
-        return;
-    }
-    let backend = Backend::start("B1", Behaviour::TagEcho);
-    let operands = [backend.operand()];
+/// Starts balance with one worker whose descriptor limit is used up by relayed connections
+/// but for `spare` (0 or 1) descriptors, and opens those connections (two descriptors each).
+/// Returns balance, the connections and the limit.
+fn at_descriptor_limit(
+    operands: &[String],
+    flags: &[&str],
+    spare: usize,
+) -> (Balance, Vec<TcpStream>, u64) {
     let start = |limit: u64| {
         let nofile = format!("--nofile={limit}:{limit}");
         Balance::start_with(Start {
-            operands: &operands,
+            flags,
+            operands,
             workers: 1,
             wrapper: &["prlimit", nofile.as_str(), "--"],
             ..Start::default()
@@ -394,11 +396,11 @@ fn a_worker_out_of_descriptors_serves_waiting_clients_once_it_has_room() {
     let probe = start(256);
     let (worker_fds, supervisor_fds) = (open_fds(probe.workers()[0]), open_fds(probe.pid));
     drop(probe);
-    // A limit that leaves the worker an even number of free descriptors (each connection
-    // takes two), and the supervisor room to spawn.
+    // A limit that leaves the worker the right parity of free descriptors, and the
+    // supervisor room to spawn.
     let free_below = |limit: u64| (0..limit).filter(|n| !worker_fds.contains(n)).count();
     let mut limit = supervisor_fds.last().copied().unwrap_or(0) + 16;
-    if free_below(limit) % 2 == 1 {
+    if free_below(limit) % 2 != spare {
         limit += 1;
     }
     let connections = free_below(limit) / 2;
@@ -406,16 +408,27 @@ fn a_worker_out_of_descriptors_serves_waiting_clients_once_it_has_room() {
     let held: Vec<TcpStream> = (0..connections)
         .map(|_| {
             let (conn, tag) = hold(b.addr());
-            assert_eq!(tag, "B1", "served within the limit of {limit}");
+            assert!(tag.starts_with('B'), "served within the limit of {limit}");
             conn
         })
         .collect();
     let worker = b.workers()[0];
     assert_eq!(
         open_fds(worker).len() as u64,
-        limit,
-        "every descriptor in use"
+        limit - spare as u64,
+        "every descriptor but {spare} in use"
     );
+    (b, held, limit)
+}
+
+#[test]
+fn a_worker_out_of_descriptors_serves_waiting_clients_once_it_has_room() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let (b, held, _) = at_descriptor_limit(&[backend.operand()], &[], 0);
+    let worker = b.workers()[0];
     // The next accept fails with EMFILE: the client waits in the kernel's queue.
     let mut waiting = TcpStream::connect(b.addr()).expect("the kernel queues the connection");
     waiting
@@ -440,4 +453,83 @@ fn a_worker_out_of_descriptors_serves_waiting_clients_once_it_has_room() {
         vec![worker],
         "the same worker, not a replacement"
     );
+}
+
+#[test]
+fn a_worker_out_of_descriptors_for_the_backend_socket_blames_no_channel() {
+    if !require_root() {
+        return;
+    }
+    let backends = [
+        Backend::start("B1", Behaviour::TagEcho),
+        Backend::start("B2", Behaviour::TagEcho),
+    ];
+    let operands: Vec<String> = backends.iter().map(Backend::operand).collect();
+    // With -a, a channel that fails a connect is disabled.
+    let (b, held, _) = at_descriptor_limit(&operands, &["-a"], 1);
+    // The accept takes the last descriptor, so no socket is left for a backend.
+    let mut last = TcpStream::connect(b.addr()).expect("connect");
+    last.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    match last.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the client to be closed at once, got {other:?}"),
+    }
+    let show = b.control("show");
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert_eq!(
+        show.matches(" ENA ").count(),
+        2,
+        "a shortage in the worker disabled a channel:\n{show}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || b.stderr().contains(
+            "Too many open files (os error 24); the client is closed (not the channel's fault)"
+        )),
+        "stderr:\n{}",
+        b.stderr()
+    );
+    assert!(!b.stderr().contains("connection failed"), "{}", b.stderr());
+    // Once descriptors are free, both channels serve.
+    drop(held);
+    drop(last);
+    let tags: Vec<String> = (0..2).map(|_| greeting(b.addr())).collect();
+    assert!(
+        tags.contains(&"B1".to_string()) && tags.contains(&"B2".to_string()),
+        "{tags:?}"
+    );
+}
+
+#[test]
+fn bulk_data_flows_when_no_descriptor_is_left_for_a_pipe() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let (_b, mut held, _) = at_descriptor_limit(&[backend.operand()], &[], 0);
+    let conn = held.pop().expect("a connection");
+    // Far past the 16 KiB read that turns a direction to splice, which needs a pipe (two
+    // descriptors) that this worker cannot open.
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let mut writer = conn.try_clone().expect("clone");
+    let sent = data.clone();
+    let upload = std::thread::spawn(move || {
+        writer.write_all(&sent).expect("upload");
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+    });
+    let mut echoed = Vec::new();
+    let mut reader = conn;
+    let got = reader.read_to_end(&mut echoed);
+    upload.join().expect("uploader");
+    assert!(
+        got.is_ok(),
+        "relay broke off after {} bytes: {got:?}",
+        echoed.len()
+    );
+    assert_eq!(echoed.len(), data.len());
+    assert!(echoed == data, "the echo differs from what was sent");
 }

@@ -170,11 +170,11 @@ impl Worker {
             let Some(Some(conn)) = self.conns.get_mut(i) else {
                 return;
             };
+            let peer = conn.peer;
             let Phase::Connecting(connecting) = &mut conn.phase else {
                 return;
             };
             let Some(&(g, c)) = connecting.candidates.get(connecting.next) else {
-                let peer = conn.peer;
                 self.log(
                     Priority::Warning,
                     format!("no channel could take the connection from {peer}"),
@@ -196,6 +196,18 @@ impl Worker {
                         "group {g} channel {c}: port {} not admitted by this worker's sandbox yet",
                         addr.port()
                     ));
+                }
+                Err(e) if relay::is_shortage(&e) => {
+                    // This worker is out of descriptors or memory: no channel is to blame
+                    // (nor disabled by `-a`), and every other one would fail alike.
+                    self.release(i);
+                    self.notice(Notice::Shortage, (g, c), || {
+                        format!(
+                            "cannot open a connection to group {g} channel {c} for {peer}: {e}; \
+                             the client is closed (not the channel's fault)"
+                        )
+                    });
+                    return self.close(i, Ending::Error(e));
                 }
                 Err(e) => {
                     let reason = e.to_string();
