@@ -79,6 +79,12 @@ impl Spares {
             self.free.push(pipe);
         }
     }
+
+    /// Closes the pipes kept for reuse (two descriptors each), for a worker that has run out
+    /// of descriptors; how many there were.
+    pub fn drop_idle(&mut self) -> usize {
+        std::mem::take(&mut self.free).len()
+    }
 }
 
 /// What epoll (edge-triggered) last said about one socket. `readable`/`writable` are cleared

@@ -394,6 +394,10 @@ impl Worker {
                 Ok((client, peer)) => self.open(client, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if relay::is_shortage(&e) => {
+                    // The pipes kept for reuse hold descriptors a client can use now.
+                    if self.spares.drop_idle() > 0 {
+                        continue;
+                    }
                     // Out of descriptors or memory: back off instead of spinning.
                     self.debug(format_args!("accept error {e}"));
                     self.accept_paused_until = Some(self.now + ACCEPT_BACKOFF);

@@ -466,7 +466,7 @@ fn a_worker_out_of_descriptors_for_the_backend_socket_blames_no_channel() {
     ];
     let operands: Vec<String> = backends.iter().map(Backend::operand).collect();
     // With -a, a channel that fails a connect is disabled.
-    let (b, held, _) = at_descriptor_limit(&operands, &["-a"], 1);
+    let (b, held, limit) = at_descriptor_limit(&operands, &["-a"], 1);
     // The accept takes the last descriptor, so no socket is left for a backend.
     let mut last = TcpStream::connect(b.addr()).expect("connect");
     last.set_read_timeout(Some(Duration::from_secs(5)))
@@ -493,8 +493,14 @@ fn a_worker_out_of_descriptors_for_the_backend_socket_blames_no_channel() {
     );
     assert!(!b.stderr().contains("connection failed"), "{}", b.stderr());
     // Once descriptors are free, both channels serve.
+    let worker = b.workers()[0];
     drop(held);
     drop(last);
+    assert!(
+        wait_until(Duration::from_secs(5), || open_fds(worker).len() as u64 + 4
+            <= limit),
+        "the worker did not close the connections"
+    );
     let tags: Vec<String> = (0..2).map(|_| greeting(b.addr())).collect();
     assert!(
         tags.contains(&"B1".to_string()) && tags.contains(&"B2".to_string()),
@@ -502,16 +508,10 @@ fn a_worker_out_of_descriptors_for_the_backend_socket_blames_no_channel() {
     );
 }
 
-#[test]
-fn bulk_data_flows_when_no_descriptor_is_left_for_a_pipe() {
-    if !require_root() {
-        return;
-    }
-    let backend = Backend::start("B1", Behaviour::TagEcho);
-    let (_b, mut held, _) = at_descriptor_limit(&[backend.operand()], &[], 0);
-    let conn = held.pop().expect("a connection");
-    // Far past the 16 KiB read that turns a direction to splice, which needs a pipe (two
-    // descriptors) that this worker cannot open.
+/// Sends 1 MiB through `conn` to an echoing backend and checks that all of it comes back:
+/// far past the 16 KiB read that turns a direction to splice, which takes a pipe (two
+/// descriptors) when the worker can open one.
+fn bulk_echo(conn: &TcpStream) {
     let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
     let mut writer = conn.try_clone().expect("clone");
     let sent = data.clone();
@@ -532,4 +532,68 @@ fn bulk_data_flows_when_no_descriptor_is_left_for_a_pipe() {
     );
     assert_eq!(echoed.len(), data.len());
     assert!(echoed == data, "the echo differs from what was sent");
+}
+
+#[test]
+fn bulk_data_flows_when_no_descriptor_is_left_for_a_pipe() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let (_b, mut held, _) = at_descriptor_limit(&[backend.operand()], &[], 0);
+    bulk_echo(&held.pop().expect("a connection"));
+}
+
+/// How many pipe descriptors process `pid` has open.
+fn open_pipes(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd list")
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:"))
+        })
+        .count()
+}
+
+#[test]
+fn a_worker_out_of_descriptors_gives_up_its_spare_pipes_for_new_clients() {
+    if !require_root() {
+        return;
+    }
+    // spare 0: an accept finds no descriptor; spare 1: the accept takes the last one and
+    // the backend socket finds none.
+    for spare in [0, 1] {
+        let backend = Backend::start("B1", Behaviour::TagEcho);
+        let (b, mut held, limit) = at_descriptor_limit(&[backend.operand()], &[], spare);
+        let worker = b.workers()[0];
+        let pipes_before = open_pipes(worker);
+        // One connection ends; a bulk echo on another takes what that frees for a pipe,
+        // which the worker keeps for reuse once the transfer is done.
+        drop(held.pop());
+        let in_use = limit - spare as u64 - 2;
+        assert!(
+            wait_until(Duration::from_secs(5), || open_fds(worker).len() as u64
+                == in_use),
+            "spare {spare}: {in_use} descriptors in use expected"
+        );
+        bulk_echo(&held.pop().expect("a connection"));
+        assert!(
+            open_pipes(worker) > pipes_before,
+            "spare {spare}: the worker kept no pipe for reuse"
+        );
+        // The echoing connection has ended; two new clients need its descriptors and the
+        // pipe's.
+        let (_first, tag) = hold(b.addr());
+        assert_eq!(tag, "B1", "spare {spare}: the first new client");
+        assert_eq!(
+            greeting(b.addr()),
+            "B1",
+            "spare {spare}: the second new client"
+        );
+        assert_eq!(
+            open_pipes(worker),
+            pipes_before,
+            "spare {spare}: the pipes kept for reuse were closed"
+        );
+    }
 }

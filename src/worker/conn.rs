@@ -186,7 +186,12 @@ impl Worker {
             let Some(addr) = self.admit(&snap, g, c) else {
                 continue;
             };
-            match self.start_attempt(i, g, c, addr) {
+            let mut attempt = self.start_attempt(i, g, c, addr);
+            if matches!(&attempt, Err(e) if relay::is_shortage(e)) && self.spares.drop_idle() > 0 {
+                // The pipes kept for reuse held the descriptors this socket needs.
+                attempt = self.start_attempt(i, g, c, addr);
+            }
+            match attempt {
                 Ok(()) => return,
                 Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
                     // A port added at run time that this worker's sandbox predates: the
