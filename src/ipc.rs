@@ -55,6 +55,13 @@ pub enum Message {
     Disable { group: u32, channel: u32 },
     /// A line for the log (syslog, or stderr in the foreground).
     Log { priority: Priority, text: String },
+    /// The worker is out of descriptors and has stopped accepting until a connection of its
+    /// own closes; the connections queued meanwhile are for the others.
+    Saturated,
+
+    // supervisor → worker
+    /// Another worker stopped accepting: accept what is queued on the listeners.
+    Accept,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +180,12 @@ fn recv_packet(sock: &impl RecvWithFd) -> Result<Option<(Message, Vec<OwnedFd>)>
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Sends on a tokio socket if there is room now; a full socket drops the message.
+pub fn try_send(sock: &tokio::net::UnixDatagram, msg: &Message) -> Result<(), IpcError> {
+    sock.try_send(&encode(msg)?)?;
+    Ok(())
 }
 
 /// Sends on a tokio socket, waiting for room.

@@ -45,10 +45,15 @@ const BUDGET: usize = 32;
 /// A pipe for splicing: read end, write end, capacity in bytes.
 pub struct Pipe(OwnedFd, OwnedFd, usize);
 
-/// What the worker lends its connections: spare pipes and the scratch buffer.
+/// What the worker lends its connections: spare pipes, the scratch buffer, and a reserve of
+/// two descriptors.
 pub struct Spares {
     free: Vec<Pipe>,
     scratch: Box<[u8]>,
+    /// A pipe held only for its two descriptors: closed when a client has been accepted but
+    /// no descriptor is left for its backend socket, so that the client is served while
+    /// the worker stops accepting.
+    reserve: Option<(OwnedFd, OwnedFd)>,
 }
 
 impl Default for Spares {
@@ -56,6 +61,7 @@ impl Default for Spares {
         Spares {
             free: Vec::new(),
             scratch: vec![0; CHUNK].into_boxed_slice(),
+            reserve: None,
         }
     }
 }
@@ -84,6 +90,19 @@ impl Spares {
     /// of descriptors; how many there were.
     pub fn drop_idle(&mut self) -> usize {
         std::mem::take(&mut self.free).len()
+    }
+
+    /// Makes sure the reserve is held.
+    pub fn refill_reserve(&mut self) -> io::Result<()> {
+        if self.reserve.is_none() {
+            self.reserve = Some(nix::unistd::pipe2(OFlag::O_CLOEXEC)?);
+        }
+        Ok(())
+    }
+
+    /// Closes the reserve, freeing its two descriptors; false when there was none.
+    pub fn spend_reserve(&mut self) -> bool {
+        self.reserve.take().is_some()
     }
 }
 

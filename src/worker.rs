@@ -25,7 +25,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BinaryHeap, HashMap};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -69,9 +69,11 @@ const CONN_BASE: usize = 16;
 const EVENTS: usize = 1024;
 /// Connections accepted from one listener before serving the others.
 const ACCEPT_BUDGET: usize = 64;
-/// Pause after an accept failed for lack of descriptors or memory.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// Per-channel notices (full, refusing) are logged at most this often.
+/// How soon a worker that stopped accepting for lack of descriptors or memory tries again
+/// when none of its connections has closed meanwhile (the shortage may be system-wide).
+const ACCEPT_RETRY: Duration = Duration::from_millis(200);
+/// Throttled notices (a full channel, a refusing one, a worker out of descriptors) are
+/// logged at most this often.
 const NOTICE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The worker's entry point; returns only on a start-up error or when it is done.
@@ -100,12 +102,13 @@ pub fn run() -> Result<(), WorkerError> {
     let mut accepting = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         l.set_nonblocking(true).map_err(|e| fail("listener", e))?;
-        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET | EpollFlags::EPOLLEXCLUSIVE;
-        shared
-            .add(&l, EpollEvent::new(flags, (1 + i) as u64))
-            .map_err(|e| fail("listener", e))?;
+        watch_listener(&shared, &l, i).map_err(|e| fail("listener", e))?;
         accepting.push(Some(TcpListener::from_std(l)));
     }
+    let mut spares = relay::Spares::default();
+    spares
+        .refill_reserve()
+        .map_err(|e| fail("descriptor reserve", e))?;
 
     let filter = crate::sandbox::worker_filter(config.source.is_some())
         .map_err(|e| fail("seccomp policy", e))?;
@@ -131,7 +134,7 @@ pub fn run() -> Result<(), WorkerError> {
         table,
         channel,
         listeners: accepting,
-        accept_paused_until: None,
+        saturated: None,
         conns: Vec::new(),
         free: Vec::new(),
         closed: Vec::new(),
@@ -142,10 +145,17 @@ pub fn run() -> Result<(), WorkerError> {
         draining: false,
         cache: None,
         notices: HashMap::new(),
-        spares: relay::Spares::default(),
+        spares,
         now,
     };
     worker.run()
+}
+
+/// Registers listener `i` with the worker's epoll instance: exclusive, so that a new
+/// connection wakes one waiting worker, not all of them.
+fn watch_listener(shared: &Epoll, listener: &impl AsFd, i: usize) -> nix::Result<()> {
+    let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLET | EpollFlags::EPOLLEXCLUSIVE;
+    shared.add(listener, EpollEvent::new(flags, (1 + i) as u64))
 }
 
 /// Waits for the `Start` message and checks its descriptors.
@@ -220,7 +230,7 @@ enum TimerKind {
     Idle,
 }
 
-/// The per-channel notices that are throttled.
+/// The notices that are throttled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Notice {
     /// The channel reached maxc.
@@ -229,6 +239,17 @@ enum Notice {
     Failed,
     /// No socket could be opened for the channel: the worker is out of descriptors.
     Shortage,
+    /// The worker stopped accepting: it is out of descriptors (not about a channel).
+    Saturated,
+}
+
+/// A worker that has stopped accepting for lack of descriptors (or memory): its listeners
+/// are out of its epoll set, so that new connections wake the other workers.
+struct Saturated {
+    /// Connections open when it stopped: once fewer are, a descriptor is free again.
+    live: usize,
+    /// When to try again anyway.
+    retry: Instant,
 }
 
 /// When a notice was last logged, and how many were held back since.
@@ -256,7 +277,8 @@ struct Worker {
     table: Table,
     channel: UnixDatagram,
     listeners: Vec<Option<TcpListener>>,
-    accept_paused_until: Option<Instant>,
+    /// Set while the worker does not accept (out of descriptors).
+    saturated: Option<Saturated>,
     /// Connections by entry; `free` lists the empty entries. An entry emptied while events
     /// are being handled waits in `closed` until the batch is done, so that a later event
     /// of the same batch cannot reach a new connection in the same entry.
@@ -269,8 +291,8 @@ struct Worker {
     busy: Vec<Busy>,
     draining: bool,
     cache: Option<Rc<Snapshot>>,
-    /// The throttled per-channel notices, by kind and channel.
-    notices: HashMap<(Notice, usize, usize), Throttled>,
+    /// The throttled notices, by kind and channel (None: about the worker itself).
+    notices: HashMap<(Notice, Option<(usize, usize)>), Throttled>,
     spares: relay::Spares,
     /// The time after the last wait; good enough for timeouts and activity.
     now: Instant,
@@ -309,12 +331,9 @@ impl Worker {
                 }
             }
             self.fire_timers();
-            if let Some(until) = self.accept_paused_until {
-                if self.now >= until {
-                    self.accept_paused_until = None;
-                    for i in 0..self.listeners.len() {
-                        self.accept(i);
-                    }
+            if let Some(s) = &self.saturated {
+                if self.live < s.live || self.now >= s.retry {
+                    self.resume_accepting();
                 }
             }
             self.free.append(&mut self.closed);
@@ -348,7 +367,7 @@ impl Worker {
         if !self.busy.is_empty() {
             return Some(Duration::ZERO);
         }
-        let next = [self.timers.next(), self.accept_paused_until]
+        let next = [self.timers.next(), self.saturated.as_ref().map(|s| s.retry)]
             .into_iter()
             .flatten()
             .min()?;
@@ -362,6 +381,12 @@ impl Worker {
             match ipc::try_recv(&self.channel) {
                 Ok(None) => return true,
                 Ok(Some((Message::Drain, _))) => self.drain(),
+                // Another worker stopped accepting: connections may wait that woke it.
+                Ok(Some((Message::Accept, _))) => {
+                    for i in 0..self.listeners.len() {
+                        self.accept(i);
+                    }
+                }
                 Ok(Some(_)) => {}
                 // The supervisor went away (its end closed): exit at once.
                 Err(_) => return false,
@@ -383,10 +408,10 @@ impl Worker {
     }
 
     fn accept(&mut self, i: usize) {
-        if self.accept_paused_until.is_some() {
-            return;
-        }
         for _ in 0..ACCEPT_BUDGET {
+            if self.saturated.is_some() {
+                return;
+            }
             let Some(Some(listener)) = self.listeners.get(i) else {
                 return;
             };
@@ -395,19 +420,70 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if relay::is_shortage(&e) => {
                     // The pipes kept for reuse hold descriptors a client can use now.
-                    if self.spares.drop_idle() > 0 {
-                        continue;
+                    if self.spares.drop_idle() == 0 {
+                        // The connection stays queued for a worker that has room.
+                        self.stop_accepting(&e);
                     }
-                    // Out of descriptors or memory: back off instead of spinning.
-                    self.debug(format_args!("accept error {e}"));
-                    self.accept_paused_until = Some(self.now + ACCEPT_BACKOFF);
-                    return;
                 }
                 // The client gave up before we took it, or the like: take the next.
                 Err(e) => self.debug(format_args!("accept error {e}")),
             }
         }
         self.busy.push(Busy::Listener(i));
+    }
+
+    /// Out of descriptors (or memory): takes the listeners out of this worker's epoll set,
+    /// so that new connections wake the workers that have room, and asks the supervisor to
+    /// have those accept what is already queued (its wake-up may have come here).
+    pub(super) fn stop_accepting(&mut self, e: &io::Error) {
+        if self.saturated.is_some() || self.draining {
+            return;
+        }
+        for l in self.listeners.iter().flatten() {
+            let _ = self.shared.delete(l);
+        }
+        self.saturated = Some(Saturated {
+            live: self.live,
+            retry: self.now + ACCEPT_RETRY,
+        });
+        self.notify(Message::Saturated);
+        let live = self.live;
+        self.notice(Notice::Saturated, None, || {
+            format!(
+                "out of descriptors ({e}) with {live} connections: not accepting until one \
+                 closes; the other workers take the new ones"
+            )
+        });
+    }
+
+    /// Accepts again once a descriptor is free (first for the reserve).
+    fn resume_accepting(&mut self) {
+        if self.draining {
+            self.saturated = None;
+            return;
+        }
+        if self.spares.refill_reserve().is_err() {
+            self.saturated = Some(Saturated {
+                live: self.live,
+                retry: self.now + ACCEPT_RETRY,
+            });
+            return;
+        }
+        self.saturated = None;
+        for (i, l) in self.listeners.iter().enumerate() {
+            if let Some(l) = l {
+                if let Err(e) = watch_listener(&self.shared, l, i) {
+                    self.log(
+                        Priority::Error,
+                        format!("cannot watch the listening socket again: {e}"),
+                    );
+                }
+            }
+        }
+        self.debug(format_args!("accepting again"));
+        for i in 0..self.listeners.len() {
+            self.accept(i);
+        }
     }
 
     /// The configuration, re-read only when the table's seqlock moved.
@@ -445,13 +521,18 @@ impl Worker {
         self.notify(Message::Log { priority, text });
     }
 
-    /// Logs a notice about channel (g, c) that could otherwise come once per connection (a
-    /// full channel, a refusing one): the first at once, then at most one a second per
-    /// channel and kind, saying how many were held back meanwhile. `text` is only built
-    /// when the line is logged.
-    fn notice(&mut self, kind: Notice, (g, c): (usize, usize), text: impl FnOnce() -> String) {
+    /// Logs a notice that could otherwise come once per connection (a full channel, a
+    /// refusing one, a worker out of descriptors): the first at once, then at most one a
+    /// second per kind and channel (None: the worker), saying how many were held back
+    /// meanwhile. `text` is only built when the line is logged.
+    fn notice(
+        &mut self,
+        kind: Notice,
+        channel: Option<(usize, usize)>,
+        text: impl FnOnce() -> String,
+    ) {
         let now = self.now;
-        let held = match self.notices.entry((kind, g, c)) {
+        let held = match self.notices.entry((kind, channel)) {
             Entry::Occupied(mut seen) => {
                 let t = seen.get_mut();
                 if now.duration_since(t.last) < NOTICE_INTERVAL {

@@ -56,7 +56,7 @@ impl Rng {
 fn mutate(rng: &mut Rng, data: &mut Vec<u8>) {
     for _ in 0..=rng.below(4) {
         let at = rng.below(data.len() + 1);
-        match rng.below(5) {
+        match rng.below(7) {
             0 if at < data.len() => data[at] ^= 1 << rng.below(8),
             1 if at < data.len() => data[at] = rng.pick(&[0, 1, 0x7f, 0x80, 0xff]),
             2 => data.insert(at, rng.next() as u8),
@@ -253,7 +253,7 @@ fn random_message(rng: &mut Rng) -> Message {
         Priority::Info,
         Priority::Debug,
     ];
-    match rng.below(5) {
+    match rng.below(7) {
         0 => Message::Start(WorkerConfig {
             row: rng.next() as u32,
             listeners: rng.below(3) as u32,
@@ -279,6 +279,8 @@ fn random_message(rng: &mut Rng) -> Message {
             group: rng.next() as u32 >> rng.below(32),
             channel: rng.next() as u32 >> rng.below(32),
         },
+        4 => Message::Saturated,
+        5 => Message::Accept,
         _ => Message::Log {
             priority: rng.pick(&priorities),
             text: random_string(rng),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
@@ -456,7 +456,7 @@ fn a_worker_out_of_descriptors_serves_waiting_clients_once_it_has_room() {
 }
 
 #[test]
-fn a_worker_out_of_descriptors_for_the_backend_socket_blames_no_channel() {
+fn a_client_accepted_with_the_last_descriptor_is_served_and_no_channel_blamed() {
     if !require_root() {
         return;
     }
@@ -467,16 +467,10 @@ fn a_worker_out_of_descriptors_for_the_backend_socket_blames_no_channel() {
     let operands: Vec<String> = backends.iter().map(Backend::operand).collect();
     // With -a, a channel that fails a connect is disabled.
     let (b, held, limit) = at_descriptor_limit(&operands, &["-a"], 1);
-    // The accept takes the last descriptor, so no socket is left for a backend.
-    let mut last = TcpStream::connect(b.addr()).expect("connect");
-    last.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let mut buf = [0u8; 16];
-    match last.read(&mut buf) {
-        Ok(0) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        other => panic!("expected the client to be closed at once, got {other:?}"),
-    }
+    // The accept takes the last descriptor, so none is left for the backend socket but the
+    // worker's reserve.
+    let (last, tag) = hold(b.addr());
+    assert!(tag == "B1" || tag == "B2", "the last client got {tag:?}");
     let show = b.control("show");
     let show = String::from_utf8_lossy(&show.stdout);
     assert_eq!(
@@ -485,9 +479,9 @@ fn a_worker_out_of_descriptors_for_the_backend_socket_blames_no_channel() {
         "a shortage in the worker disabled a channel:\n{show}"
     );
     assert!(
-        wait_until(Duration::from_secs(5), || b.stderr().contains(
-            "Too many open files (os error 24); the client is closed (not the channel's fault)"
-        )),
+        wait_until(Duration::from_secs(5), || b
+            .stderr()
+            .contains("out of descriptors (Too many open files (os error 24))")),
         "stderr:\n{}",
         b.stderr()
     );
@@ -596,4 +590,62 @@ fn a_worker_out_of_descriptors_gives_up_its_spare_pipes_for_new_clients() {
             "spare {spare}: the pipes kept for reuse were closed"
         );
     }
+}
+
+#[test]
+fn a_worker_out_of_descriptors_leaves_new_clients_to_the_others() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let operands = [backend.operand()];
+    let start = |limit: u64| {
+        let nofile = format!("--nofile={limit}:{limit}");
+        Balance::start_with(Start {
+            operands: &operands,
+            workers: 2,
+            wrapper: &["prlimit", nofile.as_str(), "--"],
+            ..Start::default()
+        })
+    };
+    let probe = start(256);
+    let limit = open_fds(probe.pid).last().copied().unwrap_or(0) + 24;
+    drop(probe);
+    let b = start(limit);
+    let workers = b.workers();
+    // One client at a time, each served before the next comes: the worker that the kernel
+    // wakes first takes every one until it is out of descriptors; then the other one must.
+    let mut held = Vec::new();
+    let most = 2 * limit as usize;
+    while held.len() < most {
+        let conn = TcpStream::connect_timeout(&b.addr(), Duration::from_secs(5)).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(&conn).read_line(&mut line);
+        if line != "B1\n" {
+            break;
+        }
+        held.push(conn);
+    }
+    assert!(
+        held.len() < most,
+        "{most} connections served: no limit reached"
+    );
+    // Each worker uses all its descriptors (but one, when one connection was served with
+    // the reserve).
+    for &w in &workers {
+        let used = open_fds(w).len() as u64;
+        assert!(
+            used + 1 >= limit,
+            "worker {w} holds {used} of its {limit} descriptors after {} connections; stderr:\n{}",
+            held.len(),
+            b.stderr()
+        );
+    }
+    assert!(
+        b.stderr().contains("out of descriptors"),
+        "stderr:\n{}",
+        b.stderr()
+    );
 }

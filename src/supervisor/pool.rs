@@ -43,8 +43,8 @@ pub struct Pool {
     pub size: usize,
     /// Table rows in use by live workers (draining ones included).
     rows: RefCell<[bool; MAX_WORKERS]>,
-    /// Live (not yet reaped) worker pids and their rows.
-    live: RefCell<HashMap<u32, usize>>,
+    /// Live (not yet reaped) worker pids and their channels.
+    live: RefCell<HashMap<u32, Rc<UnixDatagram>>>,
     /// Pending replace requests, one per slot.
     requests: RefCell<Vec<Option<Reply>>>,
     replace: Vec<Notify>,
@@ -70,6 +70,16 @@ impl Pool {
     /// Pids of the workers not yet reaped (safe to signal: they cannot have been reused).
     pub fn live_pids(&self) -> Vec<u32> {
         self.live.borrow().keys().copied().collect()
+    }
+
+    /// Asks every live worker but `pid` to accept what is queued on the listeners (best
+    /// effort: a worker whose channel is full is busy anyway).
+    fn nudge_others(&self, pid: u32) {
+        for (&other, channel) in self.live.borrow().iter() {
+            if other != pid {
+                let _ = ipc::try_send(channel, &Message::Accept);
+            }
+        }
     }
 
     fn take_row(&self) -> Option<usize> {
@@ -216,8 +226,8 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, String> {
         }
     };
     let pid = child.id().unwrap_or(0);
-    sup.pool.live.borrow_mut().insert(pid, row);
     let channel = Rc::new(channel);
+    sup.pool.live.borrow_mut().insert(pid, Rc::clone(&channel));
     let (ready_tx, ready_rx) = oneshot::channel();
     let done = tokio::task::spawn_local(watch(
         Rc::clone(sup),
@@ -294,7 +304,7 @@ async fn watch(
             status = child.wait() => break status,
             msg = ipc::recv(&channel) => match msg {
                 Ok((msg, _fds)) => {
-                    if !handle_message(&sup, slot, msg, &mut ready) {
+                    if !handle_message(&sup, slot, pid, msg, &mut ready) {
                         let _ = child.start_kill();
                         break child.wait().await;
                     }
@@ -319,6 +329,7 @@ async fn watch(
 fn handle_message(
     sup: &Supervisor,
     slot: usize,
+    pid: u32,
     msg: Message,
     ready: &mut Option<oneshot::Sender<()>>,
 ) -> bool {
@@ -354,7 +365,12 @@ fn handle_message(
             sup.disable_channel(group as usize, channel as usize);
             true
         }
-        Message::Start(_) | Message::Drain => {
+        Message::Saturated => {
+            // Connections that woke this worker wait on the listeners: the others take them.
+            sup.pool.nudge_others(pid);
+            true
+        }
+        Message::Start(_) | Message::Drain | Message::Accept => {
             sup.log(
                 Priority::Error,
                 format!("worker {slot} sent a supervisor message"),

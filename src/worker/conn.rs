@@ -187,9 +187,18 @@ impl Worker {
                 continue;
             };
             let mut attempt = self.start_attempt(i, g, c, addr);
-            if matches!(&attempt, Err(e) if relay::is_shortage(e)) && self.spares.drop_idle() > 0 {
-                // The pipes kept for reuse held the descriptors this socket needs.
-                attempt = self.start_attempt(i, g, c, addr);
+            if matches!(&attempt, Err(e) if relay::is_shortage(e)) {
+                // Out of descriptors with a client accepted: the pipes kept for reuse go
+                // first, then the reserve kept for this moment, and the worker stops
+                // accepting until a connection closes.
+                if self.spares.drop_idle() > 0 {
+                    attempt = self.start_attempt(i, g, c, addr);
+                } else if self.spares.spend_reserve() {
+                    if let Err(e) = &attempt {
+                        self.stop_accepting(e);
+                    }
+                    attempt = self.start_attempt(i, g, c, addr);
+                }
             }
             match attempt {
                 Ok(()) => return,
@@ -203,10 +212,11 @@ impl Worker {
                     ));
                 }
                 Err(e) if relay::is_shortage(&e) => {
-                    // This worker is out of descriptors or memory: no channel is to blame
-                    // (nor disabled by `-a`), and every other one would fail alike.
+                    // Still no descriptor: no channel is to blame (nor disabled by `-a`),
+                    // and every other one would fail alike.
                     self.release(i);
-                    self.notice(Notice::Shortage, (g, c), || {
+                    self.stop_accepting(&e);
+                    self.notice(Notice::Shortage, Some((g, c)), || {
                         format!(
                             "cannot open a connection to group {g} channel {c} for {peer}: {e}; \
                              the client is closed (not the channel's fault)"
@@ -231,7 +241,7 @@ impl Worker {
         if !self.table.reserve(self.row, g, c, ch.maxc) {
             self.debug(format_args!("group {g} channel {c} is full"));
             let maxc = ch.maxc;
-            self.notice(Notice::Full, (g, c), || {
+            self.notice(Notice::Full, Some((g, c)), || {
                 format!("group {g} channel {c} reached maxc {maxc}; trying the next channel")
             });
             return None;
@@ -303,7 +313,7 @@ impl Worker {
         let addr = connecting.snap.groups[g].channels[c].addr;
         let next = connecting.candidates.get(connecting.next).copied();
         self.release(i);
-        self.notice(Notice::Failed, (g, c), || {
+        self.notice(Notice::Failed, Some((g, c)), || {
             let addr = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
             let next = match next {
                 Some((ng, nc)) => format!("failing over to group {ng} channel {nc}"),
