@@ -100,6 +100,11 @@ impl Spares {
         Ok(())
     }
 
+    /// Whether two more descriptors can be opened now: tried with a pipe closed at once.
+    pub fn room_for_two() -> bool {
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).is_ok()
+    }
+
     /// Closes the reserve, freeing its two descriptors; false when there was none.
     pub fn spend_reserve(&mut self) -> bool {
         self.reserve.take().is_some()

@@ -72,6 +72,8 @@ const ACCEPT_BUDGET: usize = 64;
 /// How soon a worker that stopped accepting for lack of descriptors or memory tries again
 /// when none of its connections has closed meanwhile (the shortage may be system-wide).
 const ACCEPT_RETRY: Duration = Duration::from_millis(200);
+/// The retry interval doubles up to this while nothing changes.
+const ACCEPT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Throttled notices (a full channel, a refusing one, a worker out of descriptors) are
 /// logged at most this often.
 const NOTICE_INTERVAL: Duration = Duration::from_secs(1);
@@ -135,6 +137,7 @@ pub fn run() -> Result<(), WorkerError> {
         channel,
         listeners: accepting,
         saturated: None,
+        retrying: None,
         conns: Vec::new(),
         free: Vec::new(),
         closed: Vec::new(),
@@ -248,8 +251,9 @@ enum Notice {
 struct Saturated {
     /// Connections open when it stopped: once fewer are, a descriptor is free again.
     live: usize,
-    /// When to try again anyway.
+    /// When to try again anyway, and the interval that led there.
     retry: Instant,
+    backoff: Duration,
 }
 
 /// When a notice was last logged, and how many were held back since.
@@ -279,6 +283,8 @@ struct Worker {
     listeners: Vec<Option<TcpListener>>,
     /// Set while the worker does not accept (out of descriptors).
     saturated: Option<Saturated>,
+    /// While a timed retry runs: its interval (a failure doubles it and logs nothing new).
+    retrying: Option<Duration>,
     /// Connections by entry; `free` lists the empty entries. An entry emptied while events
     /// are being handled waits in `closed` until the batch is done, so that a later event
     /// of the same batch cannot reach a new connection in the same entry.
@@ -442,11 +448,19 @@ impl Worker {
         for l in self.listeners.iter().flatten() {
             let _ = self.shared.delete(l);
         }
+        let backoff = self
+            .retrying
+            .map_or(ACCEPT_RETRY, |b| (b * 2).min(ACCEPT_RETRY_MAX));
         self.saturated = Some(Saturated {
             live: self.live,
-            retry: self.now + ACCEPT_RETRY,
+            retry: self.now + backoff,
+            backoff,
         });
         self.notify(Message::Saturated);
+        if self.retrying.is_some() {
+            // The same shortage as before, found by a timed retry: said already.
+            return;
+        }
         let live = self.live;
         self.notice(Notice::Saturated, None, || {
             format!(
@@ -456,20 +470,28 @@ impl Worker {
         });
     }
 
-    /// Accepts again once a descriptor is free (first for the reserve).
+    /// Accepts again once a descriptor is free (first for the reserve), or when the retry
+    /// interval is up.
     fn resume_accepting(&mut self) {
+        let Some(was) = self.saturated.take() else {
+            return;
+        };
         if self.draining {
-            self.saturated = None;
             return;
         }
-        if self.spares.refill_reserve().is_err() {
+        // Not one of our connections closed: a timed retry.
+        let timed = (self.live >= was.live).then_some(was.backoff);
+        let room = self.spares.refill_reserve().is_ok()
+            && (timed.is_none() || relay::Spares::room_for_two());
+        if !room {
+            let backoff = timed.map_or(ACCEPT_RETRY, |b| (b * 2).min(ACCEPT_RETRY_MAX));
             self.saturated = Some(Saturated {
                 live: self.live,
-                retry: self.now + ACCEPT_RETRY,
+                retry: self.now + backoff,
+                backoff,
             });
             return;
         }
-        self.saturated = None;
         for (i, l) in self.listeners.iter().enumerate() {
             if let Some(l) = l {
                 if let Err(e) = watch_listener(&self.shared, l, i) {
@@ -481,9 +503,11 @@ impl Worker {
             }
         }
         self.debug(format_args!("accepting again"));
+        self.retrying = timed;
         for i in 0..self.listeners.len() {
             self.accept(i);
         }
+        self.retrying = None;
     }
 
     /// The configuration, re-read only when the table's seqlock moved.
