@@ -757,31 +757,46 @@ def table(summary, rounds):
     return "\n".join(lines)
 
 
-def targets(summary, idle):
+def round_ratios(raw, key, metric, ref_peer):
+    """balance / ref_peer for each round of a pinned test: the two were measured within
+    seconds of each other, so the spread of these ratios shows how far the machine's noise
+    moves a verdict that is made on the medians."""
+    runs = raw.get("pinned", {}).get(key, {})
+    pairs = zip(runs.get("balance", []), runs.get(ref_peer, []))
+    return [b[metric] / r[metric] for b, r in pairs
+            if b.get(metric) is not None and r.get(metric)]
+
+
+def targets(summary, idle, raw):
     p = summary.get("pinned", {})
     mem = summary.get("memory", {})
 
     def get(key, peer, metric):
         return p.get(key, {}).get(peer, {}).get(metric)
 
+    def pinned(label, key, metric, op, factor, ref_peer):
+        return (label, get(key, "balance", metric), op, factor, get(key, ref_peer, metric),
+                round_ratios(raw, key, metric, ref_peer))
+
     checks = [
-        ("CPU per new connection (pinned, c64) <= 0.8 x HAProxy",
-         get("cps64", "balance", "cpu_us_per_op"), "<=", 0.8, get("cps64", "haproxy", "cpu_us_per_op")),
-        ("CPU per keep-alive request (pinned, c64) <= 0.9 x HAProxy",
-         get("ka64", "balance", "cpu_us_per_op"), "<=", 0.9, get("ka64", "haproxy", "cpu_us_per_op")),
-        ("CPU-s per GB (pinned, 8 streams) <= 0.8 x HAProxy-splice",
-         get("bulk8", "balance", "cpu_s_per_gb"), "<=", 0.8, get("bulk8", "haproxy-splice", "cpu_s_per_gb")),
-        ("bulk 1 stream (pinned) >= 1.2 x HAProxy-splice",
-         get("bulk1", "balance", "gbps"), ">=", 1.2, get("bulk1", "haproxy-splice", "gbps")),
-        ("p99 latency keep-alive c64 (pinned) <= HAProxy",
-         get("ka64", "balance", "p99_us"), "<=", 1.0, get("ka64", "haproxy", "p99_us")),
+        pinned("CPU per new connection (pinned, c64) <= 0.8 x HAProxy",
+               "cps64", "cpu_us_per_op", "<=", 0.8, "haproxy"),
+        pinned("CPU per keep-alive request (pinned, c64) <= 0.9 x HAProxy",
+               "ka64", "cpu_us_per_op", "<=", 0.9, "haproxy"),
+        pinned("CPU-s per GB (pinned, 8 streams) <= 0.8 x HAProxy-splice",
+               "bulk8", "cpu_s_per_gb", "<=", 0.8, "haproxy-splice"),
+        pinned("bulk 1 stream (pinned) >= 1.2 x HAProxy-splice",
+               "bulk1", "gbps", ">=", 1.2, "haproxy-splice"),
+        pinned("p99 latency keep-alive c64 (pinned) <= HAProxy",
+               "ka64", "p99_us", "<=", 1.0, "haproxy"),
         (f"PSS holding {idle} idle connections <= 0.5 x HAProxy",
-         mem.get("balance", {}).get("pss_held_kib"), "<=", 0.5, mem.get("haproxy", {}).get("pss_held_kib")),
+         mem.get("balance", {}).get("pss_held_kib"), "<=", 0.5,
+         mem.get("haproxy", {}).get("pss_held_kib"), []),
         ("PSS per extra idle connection <= 1.5 KiB",
-         mem.get("balance", {}).get("kib_per_conn"), "<=", 1.0, 1.5),
+         mem.get("balance", {}).get("kib_per_conn"), "<=", 1.0, 1.5, []),
     ]
     out = []
-    for label, b, op, factor, ref in checks:
+    for label, b, op, factor, ref, per_round in checks:
         if b is None or ref is None:
             verdict, detail = "N/A ", "not measured"
         else:
@@ -790,8 +805,12 @@ def targets(summary, idle):
             verdict = "PASS" if ok else "FAIL"
             detail = f"balance {b:.3g} vs limit {limit:.3g} (ratio {b / ref:.2f})"
         out.append({"target": label, "verdict": verdict.strip(), "balance": b, "reference": ref,
-                    "factor": factor, "op": op})
+                    "factor": factor, "op": op, "ratio_per_round": per_round})
         print(f"  {verdict} {label}: {detail}")
+        if len(per_round) > 1:
+            met = sum(1 for r in per_round if (r <= factor if op == "<=" else r >= factor))
+            print(f"       ratio per round: {' '.join(f'{r:.2f}' for r in sorted(per_round))}"
+                  f" (met in {met} of {len(per_round)})")
     return out
 
 
@@ -871,7 +890,7 @@ def main():
     print(f"\nbalance ran as shipped (sandboxed workers, shared table, syslog): "
           f"{SYSLOG.messages} syslog messages received")
     print("\ntargets (ratios from this run):")
-    verdicts = targets(summary, args.idle)
+    verdicts = targets(summary, args.idle, results)
     report = {
         "smoke": smoke, "rounds": args.rounds, "duration_s": args.duration, "idle": args.idle,
         "cpus": cpus, "loadavg_end": loadavg, "harness_status": status,
