@@ -154,6 +154,11 @@ pub fn run() -> Result<(), WorkerError> {
     worker.run()
 }
 
+/// The interval before the next try to accept again: the first, or double the last one.
+fn next_retry(last: Option<Duration>) -> Duration {
+    last.map_or(ACCEPT_RETRY, |b| (b * 2).min(ACCEPT_RETRY_MAX))
+}
+
 /// Registers listener `i` with the worker's epoll instance: exclusive, so that a new
 /// connection wakes one waiting worker, not all of them.
 fn watch_listener(shared: &Epoll, listener: &impl AsFd, i: usize) -> nix::Result<()> {
@@ -448,9 +453,7 @@ impl Worker {
         for l in self.listeners.iter().flatten() {
             let _ = self.shared.delete(l);
         }
-        let backoff = self
-            .retrying
-            .map_or(ACCEPT_RETRY, |b| (b * 2).min(ACCEPT_RETRY_MAX));
+        let backoff = next_retry(self.retrying);
         self.saturated = Some(Saturated {
             live: self.live,
             retry: self.now + backoff,
@@ -484,7 +487,7 @@ impl Worker {
         let room = self.spares.refill_reserve().is_ok()
             && (timed.is_none() || relay::Spares::room_for_two());
         if !room {
-            let backoff = timed.map_or(ACCEPT_RETRY, |b| (b * 2).min(ACCEPT_RETRY_MAX));
+            let backoff = next_retry(timed);
             self.saturated = Some(Saturated {
                 live: self.live,
                 retry: self.now + backoff,
@@ -593,6 +596,22 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saturated_worker_retries_less_and_less_often_up_to_a_cap() {
+        let mut last = None;
+        let intervals: Vec<Duration> = (0..8)
+            .map(|_| {
+                let next = next_retry(last);
+                last = Some(next);
+                next
+            })
+            .collect();
+        assert_eq!(intervals[0], ACCEPT_RETRY);
+        assert_eq!(intervals[1], 2 * ACCEPT_RETRY);
+        assert!(intervals.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(intervals[7], ACCEPT_RETRY_MAX);
+    }
 
     fn timer(when: Instant, entry: u32) -> Timer {
         Timer {
