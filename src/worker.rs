@@ -249,6 +249,8 @@ enum Notice {
     Shortage,
     /// The worker stopped accepting: it is out of descriptors (not about a channel).
     Saturated,
+    /// The `-B` source address could not be bound (not about a channel).
+    Source,
 }
 
 /// A worker that has stopped accepting for lack of descriptors (or memory): its listeners

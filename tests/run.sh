@@ -9,8 +9,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-# Tools the tests call: setpriv (util-linux) runs clients as other users, ss (iproute2),
-# adduser creates the service user exactly as the package will.
+# Tools the tests call: setpriv (util-linux) runs clients as other users, ss and ip netns
+# (iproute2), adduser creates the service user exactly as the package will.
 missing=()
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v adduser >/dev/null || missing+=(adduser)

@@ -3,7 +3,8 @@
 
 mod common;
 
-use std::net::IpAddr;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -270,4 +271,78 @@ fn ipv6_backends_are_reached() {
     assert_eq!(greeting(b.addr()), "V6");
     let (_, total, _, _) = counters(&b.table_path(), 0, 0);
     assert_eq!(total, 1);
+}
+
+#[test]
+fn a_source_address_that_cannot_be_bound_is_left_out_as_the_original_did() {
+    if !require_root() {
+        return;
+    }
+    let v6 = Backend::start_on("[::1]:0", "V6", Behaviour::TagEcho);
+    // ::2 is no address of this host: binding it fails (EADDRNOTAVAIL), and no packet goes
+    // anywhere. With -a, a channel whose connect fails is disabled.
+    let b = Balance::start(&["-a", "-B", "::2"], &[v6.operand()]);
+    assert_eq!(greeting(b.addr()), "V6");
+    assert_eq!(greeting(b.addr()), "V6", "the channel is still enabled");
+    let peers = v6.peers();
+    assert!(
+        peers
+            .iter()
+            .all(|p| p.ip() == "::1".parse::<IpAddr>().expect("ip")),
+        "{peers:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || b
+            .stderr()
+            .contains("cannot bind the source address ::2")),
+        "stderr:\n{}",
+        b.stderr()
+    );
+    assert!(!b.stderr().contains("connection failed"), "{}", b.stderr());
+}
+
+#[test]
+fn connections_from_the_source_address_share_its_ports_between_destinations() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new("ports");
+    // Twelve ports for every connect and port-0 bind in the namespace.
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40011");
+    let backend = ns.enter(|| Backend::start("B1", Behaviour::TagEcho));
+    let wrapper = ns.wrapper();
+    let b = Balance::start_with(Start {
+        flags: &["-B", "127.0.0.1"],
+        operands: &[backend.operand()],
+        wrapper: &wrapper,
+        ..Start::default()
+    });
+    // Eight clients take eight of the ports. Each relayed connection goes to another
+    // destination (the backend), so it may use a port a client uses: bound to the source
+    // address without a port, all eight fit; a bind that took a port of its own would find
+    // only four left.
+    let addr = b.addr();
+    let tags = ns.enter(move || {
+        let mut held = Vec::new();
+        let mut tags = Vec::new();
+        for _ in 0..8 {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(conn) => {
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut line = String::new();
+                    let _ = BufReader::new(&conn).read_line(&mut line);
+                    tags.push(line.trim_end().to_string());
+                    held.push(conn);
+                }
+                Err(e) => tags.push(format!("no port left for the client: {e}")),
+            }
+        }
+        tags
+    });
+    assert_eq!(tags, vec!["B1"; 8], "stderr:\n{}", b.stderr());
+    let peers = backend.peers();
+    assert!(
+        peers.iter().all(|p| p.ip() == Ipv4Addr::LOCALHOST),
+        "{peers:?}"
+    );
 }

@@ -262,7 +262,14 @@ impl Worker {
         if let Some(Some(conn)) = self.conns.get_mut(i) {
             conn.slot = Some((g as u16, c as u16));
         }
-        let mut stream = start_connect(addr, self.config.source)?;
+        let (mut stream, unbound) = start_connect(addr, self.config.source)?;
+        if let (Some(e), Some(src)) = (unbound, self.config.source) {
+            self.notice(Notice::Source, None, || {
+                format!(
+                    "cannot bind the source address {src} ({e}): connecting from the default one"
+                )
+            });
+        }
         self.poll.registry().register(
             &mut stream,
             Token(CONN_BASE + 2 * i + 1),
@@ -540,8 +547,18 @@ fn deadline_applies(conns: &[Option<Conn>], t: &Timer) -> bool {
 }
 
 /// Starts a non-blocking connect; the result comes as an event.
-fn start_connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
+///
+/// With a source address (`-B`) of the channel's family, the socket is bound to it first,
+/// with `IP_BIND_ADDRESS_NO_PORT`: the source port is then chosen at connect time for this
+/// destination, so the source address does not cap the connections to all channels
+/// together at one range of ports. A source that cannot be bound (not an address of this
+/// host, say: a floating address not here yet) is left out, as the original did, and the
+/// error returned next to the stream so that the caller can say so.
+fn start_connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> io::Result<(TcpStream, Option<Errno>)> {
+    use nix::sys::socket::{socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -552,19 +569,17 @@ fn start_connect(addr: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStre
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    if let Some(src) = source {
-        if src.is_ipv4() == addr.is_ipv4() {
-            nix::sys::socket::bind(
-                fd.as_raw_fd(),
-                &SockaddrStorage::from(SocketAddr::new(src, 0)),
-            )?;
-        }
+    let mut unbound = None;
+    if let Some(src) = source.filter(|s| s.is_ipv4() == addr.is_ipv4()) {
+        let _ = nix::sys::socket::setsockopt(&fd, sockopt::IpBindAddressNoPort, &true);
+        let to = SockaddrStorage::from(SocketAddr::new(src, 0));
+        unbound = nix::sys::socket::bind(fd.as_raw_fd(), &to).err();
     }
     match nix::sys::socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
         Ok(()) | Err(Errno::EINPROGRESS) => {}
         Err(e) => return Err(e.into()),
     }
-    Ok(TcpStream::from_std(std::net::TcpStream::from(fd)))
+    Ok((TcpStream::from_std(std::net::TcpStream::from(fd)), unbound))
 }
 
 #[cfg(test)]

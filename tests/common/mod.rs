@@ -557,3 +557,65 @@ impl Drop for Fillers {
         }
     }
 }
+
+/// A network namespace of the test's own (`ip netns`), with its loopback up; deleted when
+/// dropped. Its sysctls (the port range, say) are its own, so a test can set them without
+/// touching the machine's.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "balance-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let ns = Netns { name };
+        ns.ip(&["netns", "add", &ns.name]);
+        ns.ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let status = Command::new("ip").args(args).status().expect("run ip");
+        assert!(status.success(), "ip {args:?} failed");
+    }
+
+    /// Sets a network sysctl inside the namespace (`net.ipv4.ip_local_port_range`): written
+    /// from a thread in the namespace, where /proc/sys/net is the namespace's own.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        self.enter(move || std::fs::write(&path, value))
+            .unwrap_or_else(|e| panic!("set {key} in the namespace: {e}"));
+    }
+
+    /// `ip netns exec NAME`: a wrapper that runs a command (balance) inside.
+    pub fn wrapper(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.name]
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: the sockets it opens (backends,
+    /// clients) live there.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open the namespace");
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("thread in the namespace")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
