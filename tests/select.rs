@@ -309,7 +309,7 @@ fn connections_from_the_source_address_share_its_ports_between_destinations() {
     let ns = Netns::new("ports");
     // Twelve ports for every connect and port-0 bind in the namespace.
     ns.sysctl("net.ipv4.ip_local_port_range", "40000 40011");
-    let backend = ns.enter(|| Backend::start("B1", Behaviour::TagEcho));
+    let backend = ns.enter(|| Backend::start_on("127.0.0.1:45001", "B1", Behaviour::TagEcho));
     let wrapper = ns.wrapper();
     let b = Balance::start_with(Start {
         flags: &["-B", "127.0.0.1"],
@@ -344,5 +344,77 @@ fn connections_from_the_source_address_share_its_ports_between_destinations() {
     assert!(
         peers.iter().all(|p| p.ip() == Ipv4Addr::LOCALHOST),
         "{peers:?}"
+    );
+}
+
+/// A client connection from a chosen port of 127.0.0.1 (outside the ephemeral range, so
+/// that it takes none of it); its first line, or what went wrong.
+fn greeting_from_port(addr: std::net::SocketAddr, port: u16) -> (Option<TcpStream>, String) {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType};
+    use nix::sys::socket::{SockaddrIn, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port)).expect("bind the client");
+    if let Err(e) = connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        return (None, format!("connect: {e}"));
+    }
+    let conn = TcpStream::from(fd);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let _ = BufReader::new(&conn).read_line(&mut line);
+    (Some(conn), line.trim_end().to_string())
+}
+
+#[test]
+fn a_channel_out_of_source_ports_is_failed_over_but_not_disabled() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new("noport");
+    // Four ephemeral ports: four connections from balance to one destination.
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40003");
+    // Backends on ports of their own, outside the range.
+    let (b1, b2) = ns.enter(|| {
+        (
+            Backend::start_on("127.0.0.1:45001", "B1", Behaviour::TagEcho),
+            Backend::start_on("127.0.0.1:45002", "B2", Behaviour::TagEcho),
+        )
+    });
+    let wrapper = ns.wrapper();
+    let b = Balance::start_with(Start {
+        flags: &["-a"],
+        operands: &[b1.operand(), "!".to_string(), b2.operand()],
+        wrapper: &wrapper,
+        ..Start::default()
+    });
+    let addr = b.addr();
+    let tags = ns.enter(move || {
+        let mut held = Vec::new();
+        let mut tags = Vec::new();
+        for port in 50000..50005 {
+            let (conn, tag) = greeting_from_port(addr, port);
+            held.extend(conn);
+            tags.push(tag);
+        }
+        tags
+    });
+    // The fifth finds no port left towards B1 (EADDRNOTAVAIL) and fails over to B2.
+    assert_eq!(
+        tags,
+        ["B1", "B1", "B1", "B1", "B2"],
+        "stderr:\n{}",
+        b.stderr()
+    );
+    let show = b.control("show");
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        !show.contains(" dis "),
+        "-a disabled a channel that was only out of source ports:\n{show}"
     );
 }

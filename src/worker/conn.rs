@@ -225,8 +225,11 @@ impl Worker {
                     return self.close(i, Ending::Error(e));
                 }
                 Err(e) => {
-                    let reason = e.to_string();
-                    self.attempt_failed(i, &reason);
+                    // No source port left towards this channel (some tens of thousands of
+                    // connections to it): fail over, but the channel is not dead, and `-a`
+                    // leaves it enabled.
+                    let blame = e.raw_os_error() != Some(libc::EADDRNOTAVAIL);
+                    self.attempt_failed(i, &e.to_string(), blame);
                 }
             }
         }
@@ -298,12 +301,13 @@ impl Worker {
 
     /// The connect in progress failed: log it, give the place back, try the next candidate.
     fn connect_failed(&mut self, i: usize, reason: &str) {
-        self.attempt_failed(i, reason);
+        self.attempt_failed(i, reason, true);
         self.try_next(i);
     }
 
-    /// Logs a failed attempt, gives the place back and applies `-a`.
-    fn attempt_failed(&mut self, i: usize, reason: &str) {
+    /// Logs a failed attempt, gives the place back and applies `-a` when the channel is to
+    /// `blame`.
+    fn attempt_failed(&mut self, i: usize, reason: &str, blame: bool) {
         let Some(Some(conn)) = self.conns.get_mut(i) else {
             return;
         };
@@ -328,7 +332,7 @@ impl Worker {
             };
             format!("connection failed group {g} channel {c} ({addr}): {reason}; {next}")
         });
-        if self.config.autodisable {
+        if self.config.autodisable && blame {
             self.notify(Message::Disable {
                 group: g as u32,
                 channel: c as u32,
