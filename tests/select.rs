@@ -321,24 +321,7 @@ fn connections_from_the_source_address_share_its_ports_between_destinations() {
     // destination (the backend), so it may use a port a client uses: bound to the source
     // address without a port, all eight fit; a bind that took a port of its own would find
     // only four left.
-    let addr = b.addr();
-    let tags = ns.enter(move || {
-        let mut held = Vec::new();
-        let mut tags = Vec::new();
-        for _ in 0..8 {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-                Ok(conn) => {
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-                    let mut line = String::new();
-                    let _ = BufReader::new(&conn).read_line(&mut line);
-                    tags.push(line.trim_end().to_string());
-                    held.push(conn);
-                }
-                Err(e) => tags.push(format!("no port left for the client: {e}")),
-            }
-        }
-        tags
-    });
+    let tags = greetings_in(&ns, b.addr(), vec![None; 8]);
     assert_eq!(tags, vec!["B1"; 8], "stderr:\n{}", b.stderr());
     let peers = backend.peers();
     assert!(
@@ -347,28 +330,47 @@ fn connections_from_the_source_address_share_its_ports_between_destinations() {
     );
 }
 
-/// A client connection from a chosen port of 127.0.0.1 (outside the ephemeral range, so
-/// that it takes none of it); its first line, or what went wrong.
-fn greeting_from_port(addr: std::net::SocketAddr, port: u16) -> (Option<TcpStream>, String) {
+/// Opens one client connection to `addr` per entry of `ports` from a thread inside `ns`,
+/// each from that port of 127.0.0.1 (outside the ephemeral range, so that it takes none of
+/// it) or from an ephemeral one (None), and holds them all open until every one has said
+/// its first line. Returns those lines, or what went wrong.
+fn greetings_in(ns: &Netns, addr: std::net::SocketAddr, ports: Vec<Option<u16>>) -> Vec<String> {
     use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType};
     use nix::sys::socket::{SockaddrIn, SockaddrStorage};
     use std::os::fd::AsRawFd;
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port)).expect("bind the client");
-    if let Err(e) = connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
-        return (None, format!("connect: {e}"));
-    }
-    let conn = TcpStream::from(fd);
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut line = String::new();
-    let _ = BufReader::new(&conn).read_line(&mut line);
-    (Some(conn), line.trim_end().to_string())
+    let client = move |port: Option<u16>| -> Result<TcpStream, String> {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        if let Some(port) = port {
+            bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port))
+                .map_err(|e| format!("bind: {e}"))?;
+        }
+        connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+            .map_err(|e| format!("connect: {e}"))?;
+        Ok(TcpStream::from(fd))
+    };
+    ns.enter(move || {
+        let mut held = Vec::new();
+        let mut lines = Vec::new();
+        for port in ports {
+            match client(port) {
+                Ok(conn) => {
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut line = String::new();
+                    let _ = BufReader::new(&conn).read_line(&mut line);
+                    lines.push(line.trim_end().to_string());
+                    held.push(conn);
+                }
+                Err(e) => lines.push(e),
+            }
+        }
+        lines
+    })
 }
 
 #[test]
@@ -393,17 +395,7 @@ fn a_channel_out_of_source_ports_is_failed_over_but_not_disabled() {
         wrapper: &wrapper,
         ..Start::default()
     });
-    let addr = b.addr();
-    let tags = ns.enter(move || {
-        let mut held = Vec::new();
-        let mut tags = Vec::new();
-        for port in 50000..50005 {
-            let (conn, tag) = greeting_from_port(addr, port);
-            held.extend(conn);
-            tags.push(tag);
-        }
-        tags
-    });
+    let tags = greetings_in(&ns, b.addr(), (50000..50005).map(Some).collect());
     // The fifth finds no port left towards B1 (EADDRNOTAVAIL) and fails over to B2.
     assert_eq!(
         tags,
