@@ -486,8 +486,9 @@ impl Worker {
         }
         // Not one of our connections closed: a timed retry.
         let timed = (self.live >= was.live).then_some(was.backoff);
-        let room = self.spares.refill_reserve().is_ok()
-            && (timed.is_none() || relay::Spares::room_for_two());
+        // The reserve first, then room for one more connection: without it, accepting again
+        // would only run into the limit at once.
+        let room = self.spares.refill_reserve().is_ok() && relay::Spares::room_for_two();
         if !room {
             let backoff = next_retry(timed);
             self.saturated = Some(Saturated {
