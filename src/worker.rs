@@ -139,8 +139,7 @@ pub fn run() -> Result<(), WorkerError> {
         saturated: None,
         retrying: None,
         conns: Vec::new(),
-        free: Vec::new(),
-        closed: Vec::new(),
+        free: FreeEntries::default(),
         live: 0,
         serial: 0,
         timers: Deadlines::default(),
@@ -263,6 +262,49 @@ struct Saturated {
     backoff: Duration,
 }
 
+/// A connection table at least this long is trimmed once three quarters of it are empty.
+const TRIM_ABOVE: usize = 256;
+
+/// The empty entries of the connection table. They are reused lowest first, so that after a
+/// burst the connections gather at the front and the empty tail can be given back. An entry
+/// emptied while events are being handled becomes reusable only after the batch, so that a
+/// later event of the same batch cannot reach a new connection in the same entry.
+#[derive(Default)]
+struct FreeEntries {
+    reusable: BinaryHeap<Reverse<u32>>,
+    closed: Vec<u32>,
+}
+
+impl FreeEntries {
+    /// The lowest reusable entry, if any.
+    fn take(&mut self) -> Option<usize> {
+        self.reusable.pop().map(|Reverse(i)| i as usize)
+    }
+
+    /// Entry `i` was emptied during the batch.
+    fn closed(&mut self, i: usize) {
+        self.closed.push(i as u32);
+    }
+
+    /// After a batch: its emptied entries become reusable, and a long table with `live`
+    /// connections in at most a quarter of it loses its empty tail.
+    fn end_batch<T>(&mut self, table: &mut Vec<Option<T>>, live: usize) {
+        self.reusable.extend(self.closed.drain(..).map(Reverse));
+        if table.len() <= TRIM_ABOVE
+            || live * 4 > table.len()
+            || !matches!(table.last(), Some(None))
+        {
+            return;
+        }
+        while matches!(table.last(), Some(None)) && table.len() > TRIM_ABOVE / 2 {
+            table.pop();
+        }
+        let len = table.len() as u32;
+        self.reusable.retain(|Reverse(i)| *i < len);
+        table.shrink_to(2 * table.len());
+    }
+}
+
 /// When a notice was last logged, and how many were held back since.
 struct Throttled {
     last: Instant,
@@ -292,12 +334,10 @@ struct Worker {
     saturated: Option<Saturated>,
     /// While a timed retry runs: its interval (a failure doubles it and logs nothing new).
     retrying: Option<Duration>,
-    /// Connections by entry; `free` lists the empty entries. An entry emptied while events
-    /// are being handled waits in `closed` until the batch is done, so that a later event
-    /// of the same batch cannot reach a new connection in the same entry.
+    /// Connections by entry (the entry is in their epoll tokens); `free` keeps the empty
+    /// ones.
     conns: Vec<Option<Conn>>,
-    free: Vec<u32>,
-    closed: Vec<u32>,
+    free: FreeEntries,
     live: usize,
     serial: u64,
     timers: Deadlines,
@@ -349,7 +389,7 @@ impl Worker {
                     self.resume_accepting();
                 }
             }
-            self.free.append(&mut self.closed);
+            self.free.end_batch(&mut self.conns, self.live);
             if self.draining && self.live == 0 {
                 return Ok(());
             }
@@ -599,6 +639,46 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_connection_table_reuses_low_entries_and_gives_back_its_empty_tail() {
+        let mut free = FreeEntries::default();
+        let mut table: Vec<Option<u32>> = Vec::new();
+        let open = |free: &mut FreeEntries, table: &mut Vec<Option<u32>>, v: u32| {
+            let i = free.take().unwrap_or_else(|| {
+                table.push(None);
+                table.len() - 1
+            });
+            table[i] = Some(v);
+            i
+        };
+        // A burst of 4,000, then all but ten of them close.
+        for v in 0..4000 {
+            open(&mut free, &mut table, v);
+        }
+        for (i, entry) in table.iter_mut().enumerate().skip(10) {
+            *entry = None;
+            free.closed(i);
+        }
+        // Not reusable before the batch is over.
+        assert_eq!(free.take(), None);
+        free.end_batch(&mut table, 10);
+        assert_eq!(table.len(), TRIM_ABOVE / 2, "the empty tail is given back");
+        assert!(table.capacity() <= TRIM_ABOVE);
+        // New connections take the lowest empty entries, none past the end.
+        assert_eq!(open(&mut free, &mut table, 1), 10);
+        assert_eq!(open(&mut free, &mut table, 2), 11);
+        // A connection near the end keeps the table long; a busy table is left alone.
+        let mut table: Vec<Option<u32>> = (0..1000).map(Some).collect();
+        let mut free = FreeEntries::default();
+        for (i, entry) in table.iter_mut().enumerate().take(999) {
+            *entry = None;
+            free.closed(i);
+        }
+        free.end_batch(&mut table, 1);
+        assert_eq!(table.len(), 1000);
+        assert_eq!(free.take(), Some(0));
+    }
 
     #[test]
     fn a_saturated_worker_retries_less_and_less_often_up_to_a_cap() {

@@ -74,8 +74,8 @@ impl Worker {
     /// A new client: choose the candidates and start connecting.
     pub(super) fn open(&mut self, mut client: TcpStream, peer: SocketAddr) {
         self.debug(format_args!("connect from {peer}"));
-        let i = match self.free.pop() {
-            Some(i) => i as usize,
+        let i = match self.free.take() {
+            Some(i) => i,
             None => {
                 self.conns.push(None);
                 self.conns.len() - 1
@@ -87,7 +87,7 @@ impl Worker {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             self.debug(format_args!("cannot watch the connection from {peer}: {e}"));
-            self.closed.push(i as u32);
+            self.free.closed(i);
             return;
         }
         let snap = self.snapshot();
@@ -503,7 +503,7 @@ impl Worker {
             self.table.release(self.row, g as usize, c as usize);
         }
         self.live -= 1;
-        self.closed.push(i as u32);
+        self.free.closed(i);
         if matches!(ending, Ending::NoChannel)
             || !(self.config.debug || self.config.log_connections)
         {
