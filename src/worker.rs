@@ -510,7 +510,7 @@ impl Worker {
         self.notice(Notice::Saturated, None, || {
             format!(
                 "out of descriptors ({e}) with {live} connections: not accepting until one \
-                 closes; the other workers take the new ones"
+                 of them closes, new connections are left to the other workers"
             )
         });
     }
