@@ -479,9 +479,7 @@ fn a_client_accepted_with_the_last_descriptor_is_served_and_no_channel_blamed() 
         "a shortage in the worker disabled a channel:\n{show}"
     );
     assert!(
-        wait_until(Duration::from_secs(5), || b
-            .stderr()
-            .contains("out of descriptors (Too many open files (os error 24))")),
+        b.logged("out of descriptors (Too many open files (os error 24))"),
         "stderr:\n{}",
         b.stderr()
     );

@@ -365,6 +365,11 @@ impl Balance {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// Waits (up to 5 s) until stderr, where the foreground daemon logs, contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        wait_until(Duration::from_secs(5), || self.stderr().contains(text))
+    }
+
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(&self.stdout_path).unwrap_or_default()
     }
