@@ -613,11 +613,12 @@ fn a_worker_out_of_descriptors_leaves_new_clients_to_the_others() {
     let workers = b.workers();
     // One client at a time, each served before the next comes: the worker that the kernel
     // wakes first takes every one until it is out of descriptors; then the other one must.
+    // The loop ends at the first client not served within 5 s (both workers full).
     let mut held = Vec::new();
     let most = 2 * limit as usize;
     while held.len() < most {
         let conn = TcpStream::connect_timeout(&b.addr(), Duration::from_secs(5)).expect("connect");
-        conn.set_read_timeout(Some(Duration::from_secs(2)))
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
         let mut line = String::new();
         let _ = std::io::BufReader::new(&conn).read_line(&mut line);
