@@ -55,9 +55,9 @@ pub enum Message {
     Disable { group: u32, channel: u32 },
     /// A line for the log (syslog, or stderr in the foreground).
     Log { priority: Priority, text: String },
-    /// The worker is out of descriptors and has stopped accepting until a connection of its
-    /// own closes; the connections queued meanwhile are for the others.
-    Saturated,
+    /// The worker has stopped accepting (out of descriptors, or draining). Connections
+    /// queued on the listeners may have woken only this worker: the others should take them.
+    StoppedAccepting,
 
     // supervisor → worker
     /// Another worker stopped accepting: accept what is queued on the listeners.

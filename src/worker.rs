@@ -458,6 +458,7 @@ impl Worker {
                 let _ = self.shared.delete(&l);
             }
         }
+        self.notify(Message::StoppedAccepting);
     }
 
     fn accept(&mut self, i: usize) {
@@ -501,7 +502,7 @@ impl Worker {
             retry: self.now + backoff,
             backoff,
         });
-        self.notify(Message::Saturated);
+        self.notify(Message::StoppedAccepting);
         if self.retrying.is_some() {
             // The same shortage as before, found by a timed retry: said already.
             return;

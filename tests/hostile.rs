@@ -279,7 +279,7 @@ fn random_message(rng: &mut Rng) -> Message {
             group: rng.next() as u32 >> rng.below(32),
             channel: rng.next() as u32 >> rng.below(32),
         },
-        4 => Message::Saturated,
+        4 => Message::StoppedAccepting,
         5 => Message::Accept,
         _ => Message::Log {
             priority: rng.pick(&priorities),

@@ -70,7 +70,7 @@ MESSAGES = {
     "ready-landlock": varint(2) + b"\x01" + text("landlock ABI 1 only"),
     "disable": varint(3) + varint(3) + varint(63),
     "log": varint(4) + varint(1) + text("connection failed group 0 channel 1"),
-    "saturated": varint(5),
+    "stopped-accepting": varint(5),
     "accept": varint(6),
 }
 for name, data in MESSAGES.items():

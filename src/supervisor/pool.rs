@@ -319,6 +319,9 @@ async fn watch(
         }
     };
     sup.pool.live.borrow_mut().remove(&pid);
+    // Connections whose wake-up went to this worker wait on the listeners: the others take
+    // them now rather than its replacement after the backoff.
+    sup.pool.nudge_others(pid);
     sup.boot.table.fold_worker(row);
     sup.pool.free_row(row);
     sup.pool.changed.notify_waiters();
@@ -365,7 +368,7 @@ fn handle_message(
             sup.disable_channel(group as usize, channel as usize);
             true
         }
-        Message::Saturated => {
+        Message::StoppedAccepting => {
             // Connections that woke this worker wait on the listeners: the others take them.
             sup.pool.nudge_others(pid);
             true
