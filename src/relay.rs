@@ -79,6 +79,16 @@ impl Spares {
         Ok(Pipe(r, w, size))
     }
 
+    /// A pipe, or None when no descriptor (or memory) is left for one: the chunk then takes
+    /// the copying path, which needs none, instead of costing the connection.
+    fn take_unless_short(&mut self) -> io::Result<Option<Pipe>> {
+        match self.take() {
+            Ok(pipe) => Ok(Some(pipe)),
+            Err(e) if is_shortage(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Returns an empty pipe for reuse.
     fn give_back(&mut self, pipe: Pipe) {
         if self.free.len() < POOL_LIMIT {
@@ -238,14 +248,9 @@ pub fn pump<S: AsFd>(
         if !src.ready.can_read() {
             return waiting(moved);
         }
+        // Without a pipe (not bulk, -p, or no descriptor left for one) the chunk is copied.
         let pipe = if flow.bulk && dump.is_none() {
-            match spares.take() {
-                Ok(pipe) => Some(pipe),
-                // No descriptor (or memory) left for a pipe: this chunk takes the copying
-                // path, which needs none, instead of costing the connection.
-                Err(e) if is_shortage(&e) => None,
-                Err(e) => return Err(e),
-            }
+            spares.take_unless_short()?
         } else {
             None
         };

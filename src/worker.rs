@@ -105,7 +105,7 @@ pub fn run() -> Result<(), WorkerError> {
     for (i, l) in listeners.into_iter().enumerate() {
         l.set_nonblocking(true).map_err(|e| fail("listener", e))?;
         watch_listener(&shared, &l, i).map_err(|e| fail("listener", e))?;
-        accepting.push(Some(TcpListener::from_std(l)));
+        accepting.push(TcpListener::from_std(l));
     }
     let mut spares = relay::Spares::default();
     spares
@@ -329,7 +329,8 @@ struct Worker {
     idle_timeout: Option<Duration>,
     table: Table,
     channel: UnixDatagram,
-    listeners: Vec<Option<TcpListener>>,
+    /// Emptied when draining.
+    listeners: Vec<TcpListener>,
     /// Set while the worker does not accept (out of descriptors).
     saturated: Option<Saturated>,
     /// While a timed retry runs: its interval (a failure doubles it and logs nothing new).
@@ -435,11 +436,7 @@ impl Worker {
                 Ok(None) => return true,
                 Ok(Some((Message::Drain, _))) => self.drain(),
                 // Another worker stopped accepting: connections may wait that woke it.
-                Ok(Some((Message::Accept, _))) => {
-                    for i in 0..self.listeners.len() {
-                        self.accept(i);
-                    }
-                }
+                Ok(Some((Message::Accept, _))) => self.accept_all(),
                 Ok(Some(_)) => {}
                 // The supervisor went away (its end closed): exit at once.
                 Err(_) => return false,
@@ -451,14 +448,23 @@ impl Worker {
     /// when the connections in progress are done.
     fn drain(&mut self) {
         self.draining = true;
-        for slot in &mut self.listeners {
-            if let Some(l) = slot.take() {
-                // Closing our descriptor would not remove it: the other workers hold the
-                // same open socket.
-                let _ = self.shared.delete(&l);
-            }
-        }
+        self.unwatch_listeners();
+        self.listeners.clear();
         self.notify(Message::StoppedAccepting);
+    }
+
+    /// Takes the listeners out of this worker's epoll set. (Closing our descriptors would
+    /// not: the other workers hold the same open sockets.)
+    fn unwatch_listeners(&self) {
+        for l in &self.listeners {
+            let _ = self.shared.delete(l);
+        }
+    }
+
+    fn accept_all(&mut self) {
+        for i in 0..self.listeners.len() {
+            self.accept(i);
+        }
     }
 
     fn accept(&mut self, i: usize) {
@@ -466,7 +472,7 @@ impl Worker {
             if self.saturated.is_some() {
                 return;
             }
-            let Some(Some(listener)) = self.listeners.get(i) else {
+            let Some(listener) = self.listeners.get(i) else {
                 return;
             };
             match listener.accept() {
@@ -493,15 +499,8 @@ impl Worker {
         if self.saturated.is_some() || self.draining {
             return;
         }
-        for l in self.listeners.iter().flatten() {
-            let _ = self.shared.delete(l);
-        }
-        let backoff = next_retry(self.retrying);
-        self.saturated = Some(Saturated {
-            live: self.live,
-            retry: self.now + backoff,
-            backoff,
-        });
+        self.unwatch_listeners();
+        self.saturate(self.retrying);
         self.notify(Message::StoppedAccepting);
         if self.retrying.is_some() {
             // The same shortage as before, found by a timed retry: said already.
@@ -531,30 +530,31 @@ impl Worker {
         // would only run into the limit at once.
         let room = self.spares.refill_reserve().is_ok() && relay::Spares::room_for_two();
         if !room {
-            let backoff = next_retry(timed);
-            self.saturated = Some(Saturated {
-                live: self.live,
-                retry: self.now + backoff,
-                backoff,
-            });
-            return;
+            return self.saturate(timed);
         }
         for (i, l) in self.listeners.iter().enumerate() {
-            if let Some(l) = l {
-                if let Err(e) = watch_listener(&self.shared, l, i) {
-                    self.log(
-                        Priority::Error,
-                        format!("cannot watch the listening socket again: {e}"),
-                    );
-                }
+            if let Err(e) = watch_listener(&self.shared, l, i) {
+                self.log(
+                    Priority::Error,
+                    format!("cannot watch the listening socket again: {e}"),
+                );
             }
         }
         self.debug(format_args!("accepting again"));
         self.retrying = timed;
-        for i in 0..self.listeners.len() {
-            self.accept(i);
-        }
+        self.accept_all();
         self.retrying = None;
+    }
+
+    /// Marks the worker as not accepting, to try again after the interval that follows
+    /// `last` (or as soon as one of its connections closes).
+    fn saturate(&mut self, last: Option<Duration>) {
+        let backoff = next_retry(last);
+        self.saturated = Some(Saturated {
+            live: self.live,
+            retry: self.now + backoff,
+            backoff,
+        });
     }
 
     /// The configuration, re-read only when the table's seqlock moved.

@@ -56,7 +56,7 @@ impl Rng {
 fn mutate(rng: &mut Rng, data: &mut Vec<u8>) {
     for _ in 0..=rng.below(4) {
         let at = rng.below(data.len() + 1);
-        match rng.below(7) {
+        match rng.below(5) {
             0 if at < data.len() => data[at] ^= 1 << rng.below(8),
             1 if at < data.len() => data[at] = rng.pick(&[0, 1, 0x7f, 0x80, 0xff]),
             2 => data.insert(at, rng.next() as u8),

@@ -373,14 +373,17 @@ fn open_fds(pid: u32) -> std::collections::BTreeSet<u64> {
         .collect()
 }
 
-/// Starts balance with one worker whose descriptor limit is used up by relayed connections
-/// but for `spare` (0 or 1) descriptors, and opens those connections (two descriptors each).
-/// Returns balance, the connections and the limit.
+/// Starts balance in front of `backends` with one worker whose descriptor limit is used up
+/// by relayed connections but for `spare` (0 or 1) descriptors, and opens those connections
+/// (two descriptors each), each served by one of the backends. Returns balance, the
+/// connections and the limit.
 fn at_descriptor_limit(
-    operands: &[String],
+    backends: &[&Backend],
     flags: &[&str],
     spare: usize,
 ) -> (Balance, Vec<TcpStream>, u64) {
+    let operands: Vec<String> = backends.iter().map(|b| b.operand()).collect();
+    let operands = operands.as_slice();
     let start = |limit: u64| {
         let nofile = format!("--nofile={limit}:{limit}");
         Balance::start_with(Start {
@@ -408,7 +411,10 @@ fn at_descriptor_limit(
     let held: Vec<TcpStream> = (0..connections)
         .map(|_| {
             let (conn, tag) = hold(b.addr());
-            assert!(tag.starts_with('B'), "served within the limit of {limit}");
+            assert!(
+                backends.iter().any(|backend| backend.tag == tag),
+                "served within the limit of {limit}, got {tag:?}"
+            );
             conn
         })
         .collect();
@@ -427,7 +433,7 @@ fn a_worker_out_of_descriptors_serves_waiting_clients_once_it_has_room() {
         return;
     }
     let backend = Backend::start("B1", Behaviour::TagEcho);
-    let (b, held, _) = at_descriptor_limit(&[backend.operand()], &[], 0);
+    let (b, held, _) = at_descriptor_limit(&[&backend], &[], 0);
     let worker = b.workers()[0];
     // The next accept fails with EMFILE: the client waits in the kernel's queue.
     let mut waiting = TcpStream::connect(b.addr()).expect("the kernel queues the connection");
@@ -464,9 +470,8 @@ fn a_client_accepted_with_the_last_descriptor_is_served_and_no_channel_blamed() 
         Backend::start("B1", Behaviour::TagEcho),
         Backend::start("B2", Behaviour::TagEcho),
     ];
-    let operands: Vec<String> = backends.iter().map(Backend::operand).collect();
     // With -a, a channel that fails a connect is disabled.
-    let (b, held, limit) = at_descriptor_limit(&operands, &["-a"], 1);
+    let (b, held, limit) = at_descriptor_limit(&[&backends[0], &backends[1]], &["-a"], 1);
     // The accept takes the last descriptor, so none is left for the backend socket but the
     // worker's reserve.
     let (last, tag) = hold(b.addr());
@@ -532,7 +537,7 @@ fn bulk_data_flows_when_no_descriptor_is_left_for_a_pipe() {
         return;
     }
     let backend = Backend::start("B1", Behaviour::TagEcho);
-    let (_b, mut held, _) = at_descriptor_limit(&[backend.operand()], &[], 0);
+    let (_b, mut held, _) = at_descriptor_limit(&[&backend], &[], 0);
     bulk_echo(&held.pop().expect("a connection"));
 }
 
@@ -556,7 +561,7 @@ fn a_worker_out_of_descriptors_gives_up_its_spare_pipes_for_new_clients() {
     // the backend socket finds none.
     for spare in [0, 1] {
         let backend = Backend::start("B1", Behaviour::TagEcho);
-        let (b, mut held, limit) = at_descriptor_limit(&[backend.operand()], &[], spare);
+        let (b, mut held, limit) = at_descriptor_limit(&[&backend], &[], spare);
         let worker = b.workers()[0];
         let pipes_before = open_pipes(worker);
         // One connection ends; a bulk echo on another takes what that frees for a pipe,

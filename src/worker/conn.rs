@@ -187,16 +187,8 @@ impl Worker {
                 continue;
             };
             let mut attempt = self.start_attempt(i, g, c, addr);
-            if matches!(&attempt, Err(e) if relay::is_shortage(e)) {
-                // Out of descriptors with a client accepted: the pipes kept for reuse go
-                // first, then the reserve kept for this moment, and the worker stops
-                // accepting until a connection closes.
-                if self.spares.drop_idle() > 0 {
-                    attempt = self.start_attempt(i, g, c, addr);
-                } else if self.spares.spend_reserve() {
-                    if let Err(e) = &attempt {
-                        self.stop_accepting(e);
-                    }
+            if let Err(e) = &attempt {
+                if relay::is_shortage(e) && self.free_descriptors(e) {
                     attempt = self.start_attempt(i, g, c, addr);
                 }
             }
@@ -233,6 +225,20 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Out of descriptors with a client accepted: frees some for it, the pipes kept for reuse
+    /// first, else the reserve kept for this moment (and then the worker stops accepting
+    /// until a connection closes). False when there was nothing to free.
+    fn free_descriptors(&mut self, e: &io::Error) -> bool {
+        if self.spares.drop_idle() > 0 {
+            return true;
+        }
+        if !self.spares.spend_reserve() {
+            return false;
+        }
+        self.stop_accepting(e);
+        true
     }
 
     /// Takes a place on channel (g, c) if its maxc allows, and moves a round-robin group's
