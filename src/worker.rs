@@ -80,6 +80,9 @@ const NOTICE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The worker's entry point; returns only on a start-up error or when it is done.
 pub fn run() -> Result<(), WorkerError> {
+    // Executed through /proc/self/fd/N, the kernel named this process "N": give `ps`, `top`
+    // and `pgrep` the name they expect. Cosmetic, so a failure is not fatal.
+    let _ = nix::sys::prctl::set_name(c"balance");
     let channel = crate::sys::take_inherited_fd(CHANNEL_FD)
         .map_err(|e| fail("supervisor channel missing", e))?;
     let channel = UnixDatagram::from(channel);

@@ -106,6 +106,22 @@ fn supervisor_and_workers_run_unprivileged_on_a_privileged_port() {
     );
 }
 
+/// Workers are started from the supervisor's own image through a descriptor, which would
+/// otherwise name them after the descriptor's number: `ps`, `top` and `pgrep balance` must
+/// show them as balance, as the original's per-connection children were.
+#[test]
+fn workers_are_named_balance() {
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[backend.operand()]);
+    let workers = b.workers();
+    assert!(!workers.is_empty(), "no worker found");
+    for w in workers {
+        let comm = std::fs::read_to_string(format!("/proc/{w}/comm")).expect("comm");
+        assert_eq!(comm.trim_end(), "balance", "name of worker {w}");
+    }
+    assert_eq!(greeting(b.addr()), "B1");
+}
+
 #[test]
 fn unknown_user_is_refused_with_exit_67() {
     if !require_root() {
