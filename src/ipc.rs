@@ -178,6 +178,8 @@ fn recv_packet(sock: &impl RecvWithFd) -> Result<Option<(Message, Vec<OwnedFd>)>
         {
             Ok(None)
         }
+        // The peer closed its end before reading what was sent to it: closed all the same.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Err(IpcError::Closed),
         Err(e) => Err(e.into()),
     }
 }
@@ -263,5 +265,15 @@ mod tests {
         assert!(matches!(recv_blocking(&b), Err(IpcError::Malformed(_))));
         drop(a);
         assert!(matches!(recv_blocking(&b), Err(IpcError::Closed)));
+    }
+
+    #[test]
+    fn a_peer_gone_with_messages_unread_is_closed_not_an_error() {
+        let (a, b) = socketpair().expect("socketpair");
+        let a = std::os::unix::net::UnixDatagram::from(a);
+        let b = std::os::unix::net::UnixDatagram::from(b);
+        send_blocking(&a, &Message::Accept, &[]).expect("send");
+        drop(b);
+        assert!(matches!(recv_blocking(&a), Err(IpcError::Closed)));
     }
 }
