@@ -647,16 +647,18 @@ fn store_addr(ch: &Channel, addr: SocketAddr) {
     ch.port.store(u32::from(addr.port()), Ordering::Relaxed);
 }
 
-/// The channel's address, or None when the stored family, port or address is not one a
-/// channel can have (no port 0, no unspecified, multicast or broadcast address).
-fn load_addr(ch: &Channel) -> Option<SocketAddr> {
-    let addr = load_raw_addr(ch)?;
-    let ip = addr.ip();
+/// Whether a channel can have this address: not unspecified, multicast or broadcast.
+/// Checked where addresses are resolved (start-up, `create`, `assign`) and again where the
+/// table is read, so that a table written by hand cannot aim the workers at them.
+pub fn is_channel_address(ip: IpAddr) -> bool {
     let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-    if ip.is_unspecified() || ip.is_multicast() || broadcast {
-        return None;
-    }
-    Some(addr)
+    !(ip.is_unspecified() || ip.is_multicast() || broadcast)
+}
+
+/// The channel's address, or None when the stored family, port or address is not one a
+/// channel can have (no port 0, see [`is_channel_address`]).
+fn load_addr(ch: &Channel) -> Option<SocketAddr> {
+    load_raw_addr(ch).filter(|addr| is_channel_address(addr.ip()))
 }
 
 fn load_raw_addr(ch: &Channel) -> Option<SocketAddr> {

@@ -12,7 +12,7 @@ fn run(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .output_within(COMMAND_LIMIT)
         .expect("run balance")
 }
 
@@ -75,6 +75,27 @@ fn ports_and_channels_are_validated_with_the_originals_codes() {
             "balance: no channels in group",
         ),
         (&["-f", "8000", "[]"][..], 65, "unknown or invalid address"),
+        // Addresses that cannot be a backend are refused, not stored and never used.
+        (
+            &["-f", "8000", "0.0.0.0:81"][..],
+            65,
+            "unknown or invalid address [0.0.0.0]",
+        ),
+        (
+            &["-f", "8000", "255.255.255.255"][..],
+            65,
+            "unknown or invalid address [255.255.255.255]",
+        ),
+        (
+            &["-f", "8000", "[::]:81"][..],
+            65,
+            "unknown or invalid address [::]",
+        ),
+        (
+            &["-f", "8000", "224.0.0.1"][..],
+            65,
+            "unknown or invalid address [224.0.0.1]",
+        ),
     ] {
         let o = run(args);
         assert_eq!(o.status.code(), Some(code), "{args:?}: {}", stderr(&o));

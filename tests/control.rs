@@ -136,7 +136,7 @@ fn show_and_mrtg_after_traffic() {
             "show",
             &b.port.to_string(),
         ])
-        .output()
+        .output_within(COMMAND_LIMIT)
         .expect("run");
     assert_eq!(stdout(&o), json);
     assert_eq!(
@@ -342,7 +342,7 @@ fn control_as_nobody(bin: &Path, b: &Balance, groups: Option<&str>, cmd: &str) -
         .arg(&b.run_dir)
         .args(["-b", &b.bind, "-c", cmd, &b.port.to_string()])
         .stdin(Stdio::null())
-        .output()
+        .output_within(COMMAND_LIMIT)
         .expect("run setpriv")
 }
 
@@ -547,7 +547,7 @@ fn squatted_files_are_refused_never_adopted() {
         .args(["-f", "--run-dir"])
         .arg(&run)
         .args(["-b", "127.0.0.1", &port.to_string(), &bs[0].operand()])
-        .output()
+        .output_within(COMMAND_LIMIT)
         .expect("run");
     assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
     assert!(
@@ -608,7 +608,7 @@ fn control_group_option_chooses_who_may_read() {
             .arg("--run-dir")
             .arg(&b.run_dir)
             .args(["-b", "127.0.0.1", "-c", "show", &b.port.to_string()])
-            .output()
+            .output_within(COMMAND_LIMIT)
             .expect("setpriv")
     };
     let o = as_nobody_in("nogroup");

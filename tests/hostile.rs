@@ -15,6 +15,8 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::OutputWithin;
+
 use balance::ipc::{self, Message, Priority, WorkerConfig};
 use balance::table::{GroupKind, Header, InitialGroup, Table, TableError, TABLE_SIZE};
 use properties::TableFixture;
@@ -553,7 +555,7 @@ fn control_shell_refuses_foreign_tables() {
             .arg("--run-dir")
             .arg(&run)
             .args(["-b", "127.0.0.1", "-c", "show", &port.to_string()])
-            .output()
+            .output_within(common::COMMAND_LIMIT)
             .expect("run balance");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let stdout = String::from_utf8_lossy(&out.stdout);

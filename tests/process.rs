@@ -132,7 +132,7 @@ fn unknown_user_is_refused_with_exit_67() {
         .args(["-f", "--user", "no-such-user-here", "--run-dir"])
         .arg(dir.join("run"))
         .args(["-b", "127.0.0.1", &free_port().to_string(), "127.0.0.1:1"])
-        .output()
+        .output_within(COMMAND_LIMIT)
         .expect("run");
     assert_eq!(out.status.code(), Some(67));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -208,7 +208,7 @@ fn daemon_detaches_and_sigterm_cleans_up() {
         .arg(&pidfile)
         .args(["-b", "127.0.0.1", &port.to_string(), &backend.operand()])
         .stdin(Stdio::null())
-        .output()
+        .output_within(COMMAND_LIMIT)
         .expect("launch");
     assert_eq!(
         out.status.code(),
@@ -280,7 +280,7 @@ fn launch_reports_start_up_failures() {
             .arg("--run-dir")
             .arg(dir.join("run"))
             .args(["-b", "127.0.0.1", &port, "127.0.0.1:1"])
-            .output()
+            .output_within(COMMAND_LIMIT)
             .expect("run");
         assert_eq!(out.status.code(), Some(71), "foreground={foreground}");
         let err = String::from_utf8_lossy(&out.stderr);
@@ -295,7 +295,7 @@ fn launch_reports_start_up_failures() {
                 &free_port().to_string(),
                 "nosuchhost.invalid",
             ])
-            .output()
+            .output_within(COMMAND_LIMIT)
             .expect("run");
         assert_eq!(out.status.code(), Some(65), "foreground={foreground}");
         assert!(String::from_utf8_lossy(&out.stderr)
@@ -303,7 +303,7 @@ fn launch_reports_start_up_failures() {
     }
     let out = Command::new(BIN)
         .args(["-b", "nosuchhost.invalid", "8000", "127.0.0.1:1"])
-        .output()
+        .output_within(COMMAND_LIMIT)
         .expect("run");
     assert_eq!(out.status.code(), Some(71));
     assert!(String::from_utf8_lossy(&out.stderr).contains("error at getaddrinfo"));

@@ -6,9 +6,13 @@
 //! This target has its own `main` (no libtest harness) so that the probe role is not a
 //! test that passes by doing nothing.
 
+mod common;
+
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
+
+use common::{OutputWithin, COMMAND_LIMIT};
 
 const PROBE_ENV: &str = "BALANCE_SANDBOX_PROBE";
 const SIGSYS: i32 = 31;
@@ -59,7 +63,7 @@ fn probe(what: &str, extra: &[String]) -> std::process::Output {
     Command::new(std::env::current_exe().expect("current exe"))
         .env(PROBE_ENV, what)
         .args(extra)
-        .output()
+        .output_within(COMMAND_LIMIT)
         .expect("run probe")
 }
 

@@ -28,7 +28,7 @@ fn backend_connections(backend: &Backend) -> String {
     let out = std::process::Command::new("ss")
         .args(["-tnpH", "state", "established", "dport", "="])
         .arg(format!(":{}", backend.port()))
-        .output()
+        .output_within(COMMAND_LIMIT)
         .expect("ss");
     String::from_utf8_lossy(&out.stdout).to_string()
 }

@@ -236,7 +236,7 @@ fn control_changes_and_refusals_are_audited() {
             .args(["-b", "127.0.0.1", "--syslog-socket"])
             .arg(&rx.path)
             .args(["-c", cmd, &b.port.to_string()])
-            .output()
+            .output_within(COMMAND_LIMIT)
             .expect("control")
     };
     let out = control(None, "disable 1");

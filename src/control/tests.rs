@@ -332,6 +332,19 @@ fn groups_create_assign_and_kind() {
         rejected(&mut s, "create nosuchhost.invalid 80"),
         "invalid address\n"
     );
+    for unusable in [
+        "0.0.0.0 80",
+        ":: 80",
+        "[::]:80 81",
+        "255.255.255.255 80",
+        "ff02::1 80",
+    ] {
+        assert_eq!(
+            rejected(&mut s, &format!("create {unusable}")),
+            "invalid address\n",
+            "create {unusable}"
+        );
+    }
     assert_eq!(ok(&mut s, "ha"), "group 1 set to hash\n");
     assert_eq!(ok(&mut s, "rr"), "group 1 set to round robin\n");
     assert_eq!(ok(&mut s, "hash"), "group 1 set to hash\n");
@@ -356,6 +369,10 @@ fn groups_create_assign_and_kind() {
     ok(&mut s, "disable 1");
     assert_eq!(
         rejected(&mut s, "assign 1 nosuchhost.invalid 21004"),
+        "invalid address\n"
+    );
+    assert_eq!(
+        rejected(&mut s, "assign 1 0.0.0.0 21004"),
         "invalid address\n"
     );
     assert_eq!(

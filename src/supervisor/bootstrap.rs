@@ -178,12 +178,14 @@ fn resolve_channel(spec: &ChannelSpec) -> Result<SocketAddr, Fatal> {
 }
 
 /// Resolves a host name or literal (IPv4, IPv6, or the classic inet_aton forms) to its first
-/// address. Used only where resolving is allowed: the bootstrap and the control shell.
+/// address, if that is one a channel can have. Used only where resolving is allowed: the
+/// bootstrap and the control shell.
 pub fn lookup_host(host: &str, port: u16) -> Option<SocketAddr> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Some(SocketAddr::new(ip, port));
-    }
-    (host, port).to_socket_addrs().ok()?.next()
+    let addr = match host.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port),
+        Err(_) => (host, port).to_socket_addrs().ok()?.next()?,
+    };
+    crate::table::is_channel_address(addr.ip()).then_some(addr)
 }
 
 fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, Fatal> {

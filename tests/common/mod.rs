@@ -389,7 +389,7 @@ impl Balance {
             .arg(command)
             .arg(self.port.to_string())
             .stdin(Stdio::null())
-            .output()
+            .output_within(COMMAND_LIMIT)
             .expect("run balance -c")
     }
 
@@ -416,6 +416,72 @@ impl Drop for Balance {
         for w in workers {
             signal(w, nix::sys::signal::Signal::SIGKILL);
         }
+    }
+}
+
+/// How long a command a test runs to completion may take before it counts as hung.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(60);
+
+/// `Command::output` with a time limit: stdin is /dev/null, stdout and stderr are captured,
+/// and a command still running after `limit` is killed (by its pid) and fails the test
+/// instead of hanging the suite.
+pub trait OutputWithin {
+    fn output_within(&mut self, limit: Duration) -> std::io::Result<Output>;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, limit: Duration) -> std::io::Result<Output> {
+        let mut child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{self:?} still running after {limit:?}: killed");
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        // A daemon the command started may hold the pipes open: wait for them, bounded too.
+        while !(stdout.is_finished() && stderr.is_finished()) {
+            assert!(
+                Instant::now() < deadline,
+                "{self:?} exited but its output stayed open after {limit:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        })
     }
 }
 
