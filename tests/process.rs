@@ -306,7 +306,13 @@ fn launch_reports_start_up_failures() {
         .output_within(COMMAND_LIMIT)
         .expect("run");
     assert_eq!(out.status.code(), Some(71));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("error at getaddrinfo"));
+    // The resolver's own words, as the original printed them (reference §1.5).
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("error at getaddrinfo: Name or service not known\nexiting.\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

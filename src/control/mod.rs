@@ -330,17 +330,19 @@ impl Session<'_> {
             {
                 return write_failure(&e);
             }
-            line.clear();
-            match input.read_until(b'\n', &mut line) {
-                Ok(0) => return writeln!(out).map_or_else(|e| write_failure(&e), |()| 0),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            let overlong = match read_line_bounded(input, &mut line) {
+                Ok((0, _)) => return writeln!(out).map_or_else(|e| write_failure(&e), |()| 0),
+                Ok((_, overlong)) => overlong,
                 Err(e) => {
                     let _ = writeln!(err, "balance: cannot read input: {e}");
                     return EX_IOERR;
                 }
-            }
-            let result = self.run_line(&String::from_utf8_lossy(&line));
+            };
+            let result = if overlong {
+                Err(Failure::Rejected("syntax error".to_string()))
+            } else {
+                self.run_line(&String::from_utf8_lossy(&line))
+            };
             let written = match &result {
                 Ok(reply) => self.emit(reply, out, err),
                 Err(f) => self.fail(f, out, err),
@@ -398,6 +400,40 @@ impl Session<'_> {
 }
 
 /// Exit code after stdout/stderr failed: a reader that went away is not an error.
+/// The longest shell line taken in. The rest of a longer line is read and dropped, and the
+/// line is a syntax error: input cannot make the shell hold more than this (the original read
+/// 128 bytes at a time and ran the rest of a long line as further commands).
+const MAX_LINE: usize = 4096;
+
+/// Reads one line (up to and including its newline) into `line`, keeping at most
+/// [`MAX_LINE`] bytes of it. Returns the bytes read (0 at end of input) and whether the line
+/// was longer than that.
+fn read_line_bounded(input: &mut dyn BufRead, line: &mut Vec<u8>) -> io::Result<(usize, bool)> {
+    line.clear();
+    let (mut read, mut overlong) = (0, false);
+    loop {
+        let buf = match input.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok((read, overlong));
+        }
+        let end = buf.iter().position(|&b| b == b'\n');
+        let chunk = &buf[..end.map_or(buf.len(), |i| i + 1)];
+        let room = MAX_LINE.saturating_sub(line.len());
+        overlong |= chunk.len() > room;
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let taken = chunk.len();
+        input.consume(taken);
+        read += taken;
+        if end.is_some() {
+            return Ok((read, overlong));
+        }
+    }
+}
+
 fn write_failure(e: &io::Error) -> u8 {
     if e.kind() == io::ErrorKind::BrokenPipe {
         0

@@ -465,6 +465,52 @@ fn interactive_prompts_until_end_of_input() {
         .ends_with("balance[2] "));
 }
 
+/// Input that is one endless line: every read returns more of it, none a newline.
+struct EndlessLine {
+    served: usize,
+    limit: usize,
+}
+
+impl std::io::Read for EndlessLine {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.limit - self.served);
+        buf[..n].fill(b'x');
+        self.served += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn an_overlong_line_is_a_syntax_error_and_is_not_kept() {
+    let f = three_channels("overlong", true);
+    let mut s = session(&f);
+    // 64 MiB without a newline, then two commands: answered once, then the shell goes on.
+    let line = EndlessLine {
+        served: 0,
+        limit: 64 << 20,
+    };
+    let rest: &[u8] = b"\ndisable 0\nx\n";
+    let mut input = std::io::BufReader::new(std::io::Read::chain(line, rest));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    assert_eq!(s.interactive(&mut input, &mut out, &mut err), 0);
+    let out = String::from_utf8(out).expect("utf8");
+    assert!(
+        out.ends_with(
+            "balance[0] syntax error\nbalance[0] channel 0 disabled\nbalance[0] syntax error\nbalance[0] \n"
+        ),
+        "{}",
+        &out[out.len().saturating_sub(300)..]
+    );
+    // Of a long line, no more than MAX_LINE bytes are kept.
+    let mut line = Vec::new();
+    let mut long: &[u8] = &[b'y'; 10_000];
+    assert_eq!(
+        read_line_bounded(&mut long, &mut line).expect("read"),
+        (10_000, true)
+    );
+    assert_eq!(line.len(), MAX_LINE);
+}
+
 #[test]
 fn one_command_exit_codes() {
     let f = three_channels("exitcodes", true);

@@ -193,6 +193,15 @@ fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, Fatal> {
         .ok_or_else(|| Fatal::new(EX_DATAERR, format!("unknown or invalid address [{host}]")))
 }
 
+/// The resolver's message (`gai_strerror`) without the standard library's preamble.
+fn resolver_words(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match text.strip_prefix("failed to lookup address information: ") {
+        Some(words) => words.to_string(),
+        None => text,
+    }
+}
+
 /// Binds the listening socket: `-b` address if given, else `[::]` dual stack with `-6`, else
 /// `0.0.0.0` (the original's default was IPv4 only too).
 fn bind_listener(
@@ -207,7 +216,7 @@ fn bind_listener(
         (Some(host), _) => {
             let mut addrs = (host, port)
                 .to_socket_addrs()
-                .map_err(|e| gai(e.to_string()))?;
+                .map_err(|e| gai(resolver_words(&e)))?;
             let found = if ipv6 {
                 addrs.find(SocketAddr::is_ipv6)
             } else {
