@@ -639,21 +639,29 @@ fn bind_address(value: &str) -> Result<String, CliError> {
     Ok(value.to_owned())
 }
 
+/// The largest `-t` and `-T` (the original's `int`, about 68 years): a larger figure is a
+/// typo, not a timeout, and is refused like any other bad value.
+const MAX_SECONDS: u64 = i32::MAX as u64;
+
 fn connect_timeout(value: &str) -> Result<u64, CliError> {
-    decimal(value).filter(|&s| s >= 1).ok_or_else(|| {
-        CliError::usage(format!(
-            "invalid -t value '{value}': need whole seconds, at least 1"
-        ))
-    })
+    decimal(value)
+        .filter(|s| (1..=MAX_SECONDS).contains(s))
+        .ok_or_else(|| {
+            CliError::usage(format!(
+                "invalid -t value '{value}': need whole seconds, 1 to {MAX_SECONDS}"
+            ))
+        })
 }
 
 /// `-T`: whole seconds; 0 means no idle timeout.
 fn idle_timeout(value: &str) -> Result<Option<u64>, CliError> {
-    let seconds = decimal(value).ok_or_else(|| {
-        CliError::usage(format!(
-            "invalid -T value '{value}': need whole seconds, 0 for none"
-        ))
-    })?;
+    let seconds = decimal(value)
+        .filter(|&s| s <= MAX_SECONDS)
+        .ok_or_else(|| {
+            CliError::usage(format!(
+                "invalid -T value '{value}': need whole seconds up to {MAX_SECONDS}, 0 for none"
+            ))
+        })?;
     Ok(Some(seconds).filter(|&s| s > 0))
 }
 
@@ -1062,11 +1070,11 @@ http 80/tcp www
         assert_eq!(shell(&["-c", "-x", "80"]).command.as_deref(), Some("-x"));
         assert_usage(
             &["-T", "-1", "80"],
-            "invalid -T value '-1': need whole seconds, 0 for none",
+            "invalid -T value '-1': need whole seconds up to 2147483647, 0 for none",
         );
         assert_usage(
             &["-t=5", "80"],
-            "invalid -t value '=5': need whole seconds, at least 1",
+            "invalid -t value '=5': need whole seconds, 1 to 2147483647",
         );
     }
 
@@ -1270,10 +1278,25 @@ http 80/tcp www
     fn connect_timeout_must_be_at_least_one_second() {
         assert_eq!(proxy(&["-t", "1", "80"]).connect_timeout, 1);
         assert_eq!(proxy(&["-t", "007", "80"]).connect_timeout, 7);
-        for bad in ["0", "abc", "-1", "5x", "", " 5", "99999999999999999999999"] {
+        assert_eq!(
+            proxy(&["-t", "2147483647", "80"]).connect_timeout,
+            2_147_483_647
+        );
+        for bad in [
+            "0",
+            "abc",
+            "-1",
+            "5x",
+            "",
+            " 5",
+            "2147483648",
+            "4294967296",
+            "18446744073709551615",
+            "99999999999999999999999",
+        ] {
             assert_usage(
                 &["-t", bad, "80"],
-                &format!("invalid -t value '{bad}': need whole seconds, at least 1"),
+                &format!("invalid -t value '{bad}': need whole seconds, 1 to 2147483647"),
             );
         }
     }
@@ -1282,10 +1305,16 @@ http 80/tcp www
     fn idle_timeout_zero_means_none() {
         assert_eq!(proxy(&["-T", "0", "80"]).idle_timeout, None);
         assert_eq!(proxy(&["-T30", "80"]).idle_timeout, Some(30));
-        for bad in ["-1", "x", ""] {
+        assert_eq!(
+            proxy(&["-T", "2147483647", "80"]).idle_timeout,
+            Some(2_147_483_647)
+        );
+        for bad in ["-1", "x", "", "2147483648", "18446744073709551615"] {
             assert_usage(
                 &["-T", bad, "80"],
-                &format!("invalid -T value '{bad}': need whole seconds, 0 for none"),
+                &format!(
+                    "invalid -T value '{bad}': need whole seconds up to 2147483647, 0 for none"
+                ),
             );
         }
     }
