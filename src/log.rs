@@ -41,6 +41,8 @@ pub struct Logger {
 
 /// The syslog socket on Linux.
 const DEFAULT_SOCKET: &str = "/dev/log";
+/// The name the lines carry (`Balance[PID]:`), the original's, which log filters match.
+pub const SYSLOG_IDENT: &str = "Balance";
 
 /// How often to try to open a missing syslog connection.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -96,7 +98,7 @@ impl Logger {
                 Channel::Audit => Facility::LOG_AUTHPRIV,
             },
             hostname: None,
-            process: "balance".into(),
+            process: SYSLOG_IDENT.into(),
             pid: std::process::id(),
         };
         let path = self

@@ -68,15 +68,15 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 "$bin" --run-dir "$work/run" --pidfile "$work/balance.pid" --syslog-socket "$work/log" \
     --log-connections -b 127.0.0.1 "$port" "127.0.0.1:$backend"
 pid=$(cat "$work/balance.pid")
-check "start-up on record" "balance\[$pid\]: balance .* started: listening on 127.0.0.1:$port"
-check "privilege drop on record" "balance\[$pid\]: privileges dropped to user balance"
+check "start-up on record" "Balance\[$pid\]: balance .* started: listening on 127.0.0.1:$port"
+check "privilege drop on record" "Balance\[$pid\]: privileges dropped to user balance"
 
 python3 -c "import socket; s=socket.create_connection(('127.0.0.1',$port)); print(s.recv(10))"
-check "connection line" "balance\[$pid\]: worker .*: connection from 127.0.0.1:.* bytes up"
+check "connection line" "Balance\[$pid\]: worker .*: connection from 127.0.0.1:.* bytes up"
 
 "$bin" --run-dir "$work/run" --syslog-socket "$work/log" -b 127.0.0.1 -c "disable 0" "$port"
 check "audit of the control command" "uid 0 (root) pid [0-9]*: disable group 0 channel 0: enabled -> disabled"
-check "supervisor observed the change" "balance\[$pid\]: table change observed: group 0 channel 0"
+check "supervisor observed the change" "Balance\[$pid\]: table change observed: group 0 channel 0"
 "$bin" --run-dir "$work/run" --syslog-socket "$work/log" -b 127.0.0.1 -c "enable 0" "$port"
 
 # rsyslog restarts: balance must reconnect.
@@ -97,6 +97,6 @@ if [ $ok = 1 ]; then passed=$((passed + 1)); echo "ok: logging after rsyslog res
 else failed=$((failed + 1)); echo "FAILED: nothing logged after rsyslog restart"; fi
 
 kill "$pid"
-check "shutdown on record" "balance\[$pid\]: stopped"
+check "shutdown on record" "Balance\[$pid\]: stopped"
 echo "rsyslog: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

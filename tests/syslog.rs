@@ -117,7 +117,7 @@ fn daemon_events_reach_syslog() {
     flag_refs.push("-a");
     let mut b = Balance::start(&flag_refs, &[format!("{}:1", b1.operand()), dead.clone()]);
     let pid = b.pid.to_string();
-    let ident = format!("balance[{pid}]:");
+    let ident = format!("Balance[{pid}]:");
     let start = rx.expect(DAEMON_NOTICE, &[&ident, "started: listening on 127.0.0.1:"]);
     assert!(start.contains(&b.port.to_string()), "{start}");
     let user = nix::unistd::User::from_name("balance")
@@ -251,7 +251,7 @@ fn control_changes_and_refusals_are_audited() {
     rx.expect(
         AUTH_NOTICE,
         &[
-            &format!("balance[{}]:", b.pid),
+            &format!("Balance[{}]:", b.pid),
             "table change observed: group 0 channel 1: enabled",
         ],
     );
