@@ -399,7 +399,6 @@ impl Session<'_> {
     }
 }
 
-/// Exit code after stdout/stderr failed: a reader that went away is not an error.
 /// The longest shell line taken in. The rest of a longer line is read and dropped, and the
 /// line is a syntax error: input cannot make the shell hold more than this (the original read
 /// 128 bytes at a time and ran the rest of a long line as further commands).
@@ -434,6 +433,7 @@ fn read_line_bounded(input: &mut dyn BufRead, line: &mut Vec<u8>) -> io::Result<
     }
 }
 
+/// Exit code after stdout/stderr failed: a reader that went away is not an error.
 fn write_failure(e: &io::Error) -> u8 {
     if e.kind() == io::ErrorKind::BrokenPipe {
         0
