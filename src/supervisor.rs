@@ -77,13 +77,42 @@ struct Supervisor {
     wake: tokio::sync::Notify,
 }
 
+/// Writes our pid to `path`, still as root, and often in a directory the service user owns:
+/// a symbolic link, a second hard link or anything but a plain file there is refused rather
+/// than written through (it would let that user have root overwrite any file).
+fn write_pid_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let refused = |why: &str| std::io::Error::other(why.to_string());
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o644)
+        .custom_flags(flags.bits())
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refused("it is a symbolic link"),
+            _ => e,
+        })?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(refused("not a plain file"));
+    }
+    if meta.nlink() != 1 {
+        return Err(refused("it has other hard links"));
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())
+}
+
 fn supervise(
     args: ProxyArgs,
     boot: bootstrap::Boot,
     launcher: Option<&OwnedFd>,
 ) -> Result<(), Fatal> {
     if let Some(path) = &args.pidfile {
-        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
+        write_pid_file(path).map_err(|e| {
             Fatal::new(
                 EX_OSERR,
                 format!("cannot write pid file {}: {e}", path.display()),

@@ -263,6 +263,91 @@ impl Drop for Stopper {
     }
 }
 
+/// `--run-dir` given a directory that holds other things (`/tmp`, say) must not take it
+/// over: its owner and mode would change under everything else in it.
+#[test]
+fn a_run_directory_in_use_by_others_is_not_taken_over() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("shared-run");
+    // Like /etc (someone else's files) and like /tmp (writable by all, empty or not).
+    for (name, mode, foreign) in [("etc", 0o755, true), ("tmp", 0o1777, false)] {
+        let shared = dir.join(name);
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        if foreign {
+            std::fs::write(shared.join("someone-else"), "x").expect("file");
+        }
+        let out = Command::new(BIN)
+            .arg("-f")
+            .arg("--run-dir")
+            .arg(&shared)
+            .args(["-b", "127.0.0.1", &free_port().to_string(), "127.0.0.1:1"])
+            .output_within(COMMAND_LIMIT)
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{name}: {err}");
+        assert!(err.contains("not available"), "{err}");
+        let meta = std::fs::metadata(&shared).expect("stat");
+        assert_eq!(
+            (meta.uid(), meta.permissions().mode() & 0o7777),
+            (0, mode),
+            "{name} was changed"
+        );
+    }
+    // An empty directory root made for it is adopted, as the packages' scripts expect.
+    let empty = dir.join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let b = Balance::start_with(Start {
+        operands: &["127.0.0.1:1".to_string()],
+        run_dir: Some(&empty),
+        ..Start::default()
+    });
+    let (uid, gid) = balance_ids();
+    let meta = std::fs::metadata(&empty).expect("stat");
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777),
+        (uid, gid, 0o750)
+    );
+    drop(b);
+}
+
+/// The pid file is written as root, often in a directory the service user owns (the
+/// packages put it in /run/balance): a link planted there must not make root write through it.
+#[test]
+fn a_link_at_the_pid_file_is_not_followed() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("pidlink");
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "secret\n").expect("victim");
+    let pidfile = dir.join("balance.pid");
+    std::os::unix::fs::symlink(&victim, &pidfile).expect("symlink");
+    let hardlinked = dir.join("hard.pid");
+    std::fs::hard_link(&victim, &hardlinked).expect("hard link");
+    for planted in [&pidfile, &hardlinked] {
+        let out = Command::new(BIN)
+            .arg("-f")
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .arg("--pidfile")
+            .arg(planted)
+            .args(["-b", "127.0.0.1", &free_port().to_string(), "127.0.0.1:1"])
+            .output_within(COMMAND_LIMIT)
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(71), "{err}");
+        assert!(err.contains("cannot write pid file"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("victim"),
+            "secret\n",
+            "written through {planted:?}"
+        );
+    }
+}
+
 #[test]
 fn launch_reports_start_up_failures() {
     if !require_root() {

@@ -262,10 +262,11 @@ fn prepare_run_dir(path: &Path, account: Option<&Account>, group: Gid) -> Result
             ),
         )
     };
-    match nix::unistd::mkdir(path, Mode::from_bits_truncate(0o750)) {
-        Ok(()) | Err(nix::Error::EEXIST) => {}
+    let created = match nix::unistd::mkdir(path, Mode::from_bits_truncate(0o750)) {
+        Ok(()) => true,
+        Err(nix::Error::EEXIST) => false,
         Err(e) => return Err(unavailable(e.desc().to_string())),
-    }
+    };
     let dir = open(
         path,
         OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
@@ -281,6 +282,31 @@ fn prepare_run_dir(path: &Path, account: Option<&Account>, group: Gid) -> Result
             "owned by uid {}, refusing to adopt it",
             st.st_uid
         )));
+    }
+    // A directory found here that is not already the service user's is taken over (mode
+    // and owner changed) only when nothing but balance's own files live in it:
+    // `--run-dir /tmp` or `/etc` must not change /tmp or /etc.
+    let service_uid = account.map_or(me, |a| a.uid);
+    if !created && st.st_uid != service_uid.as_raw() {
+        let world_writable = st.st_mode & 0o002 != 0;
+        let only_ours = std::fs::read_dir(path)
+            .map(|entries| {
+                entries.flatten().all(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with("balance.")
+                        || name.starts_with(".balance.")
+                        || name.ends_with(".pid")
+                })
+            })
+            .unwrap_or(false);
+        if world_writable || !only_ours {
+            return Err(unavailable(
+                "it holds files that are not balance's, or is writable by all; give balance \
+                 a directory of its own"
+                    .to_string(),
+            ));
+        }
     }
     // Mode first, owner second, each only when needed: so a second instance finding the
     // directory already prepared needs no capability over files it does not own.
