@@ -85,10 +85,12 @@ impl Logger {
         self.stderr = false;
     }
 
-    /// Drops the connections; the next message opens new ones (reload).
+    /// Drops the connections; the next message opens new ones (reload), without waiting
+    /// for the retry interval.
     pub fn reconnect(&mut self) {
         self.daemon = None;
         self.audit = None;
+        self.retried = (None, None);
     }
 
     fn connect(&mut self, channel: Channel) -> Option<Conn> {
@@ -150,6 +152,10 @@ impl Logger {
                     return;
                 }
                 let conn = self.connect(channel);
+                if conn.is_some() {
+                    // The interval spaces out failed attempts only.
+                    *self.retry_mark(channel) = None;
+                }
                 *self.slot(channel) = conn;
             }
             let Some(conn) = self.slot(channel).as_mut() else {
@@ -176,13 +182,17 @@ impl Logger {
         }
     }
 
+    fn retry_mark(&mut self, channel: Channel) -> &mut Option<Instant> {
+        match channel {
+            Channel::Daemon => &mut self.retried.0,
+            Channel::Audit => &mut self.retried.1,
+        }
+    }
+
     /// Without a connection, tries to open one at most once a second.
     fn may_retry(&mut self, channel: Channel) -> bool {
         let now = Instant::now();
-        let last = match channel {
-            Channel::Daemon => &mut self.retried.0,
-            Channel::Audit => &mut self.retried.1,
-        };
+        let last = self.retry_mark(channel);
         if last.is_some_and(|t| now.duration_since(t) < RETRY_INTERVAL) {
             return false;
         }
@@ -198,4 +208,42 @@ pub fn stderr_line(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let line = format!("{args}\n");
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reloads come in quick succession (a configuration tool, a second SIGHUP): each one
+    /// reconnects, and no line is lost to the interval meant for a syslog that is down.
+    #[test]
+    fn lines_after_quick_reloads_are_delivered() {
+        let dir = std::env::temp_dir().join(format!("balance-log-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("log");
+        let rx = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        rx.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut logger = Logger::new(Some(path), false, false);
+        for text in ["first", "second", "third", "fourth"] {
+            logger.log(Priority::Notice, text);
+            logger.reconnect();
+        }
+        logger.audit(Priority::Notice, "audited");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        for _ in 0..5 {
+            let n = rx.recv(&mut buf).expect("a line");
+            got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+        for (line, text) in got
+            .iter()
+            .zip(["first", "second", "third", "fourth", "audited"])
+        {
+            assert!(line.ends_with(text), "{line:?} for {text}");
+            assert!(line.contains(&format!("{SYSLOG_IDENT}[")), "{line}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
