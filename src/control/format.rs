@@ -163,10 +163,12 @@ fn totals(table: &Table, snap: &Snapshot) -> Totals {
             let n = counters(table.channel(g, c));
             t.channels += 1;
             t.enabled += usize::from(ch.enabled);
-            t.current += u64::from(n.current);
-            t.total += n.total;
-            t.sent += n.sent;
-            t.received += n.received;
+            // Modulo 2^64, like the counters themselves (a table written by hand can hold
+            // anything).
+            t.current = t.current.wrapping_add(u64::from(n.current));
+            t.total = t.total.wrapping_add(n.total);
+            t.sent = t.sent.wrapping_add(n.sent);
+            t.received = t.received.wrapping_add(n.received);
         }
     }
     t

@@ -465,6 +465,26 @@ fn interactive_prompts_until_end_of_input() {
         .ends_with("balance[2] "));
 }
 
+#[test]
+fn stats_add_counters_modulo_2_64() {
+    let f = three_channels("stats-wrap", true);
+    let mut s = session(&f);
+    for c in 0..2 {
+        let ch = f.table.channel(0, c).expect("channel");
+        ch.sent.store(u64::MAX, Ordering::Relaxed);
+        ch.received.store(u64::MAX, Ordering::Relaxed);
+    }
+    let out = ok(&mut s, "stats");
+    assert!(
+        out.contains(&format!(
+            "bytes: {} sent, {} received",
+            u64::MAX - 1,
+            u64::MAX - 1
+        )),
+        "{out}"
+    );
+}
+
 /// Input that is one endless line: every read returns more of it, none a newline.
 struct EndlessLine {
     served: usize,
