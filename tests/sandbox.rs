@@ -31,6 +31,8 @@ fn main() {
         ("a raw socket family is killed", || {
             expect_sigsys("unix-socket")
         }),
+        ("a UDP socket is killed", || expect_sigsys("udp-socket")),
+        ("a raw IP socket is killed", || expect_sigsys("raw-socket")),
         ("executable memory is killed", || expect_sigsys("mmap-exec")),
         ("connect only to channel ports", landlock_connect),
         ("bind only to port 0", landlock_bind),
@@ -136,6 +138,15 @@ fn run_probe(what: &str) -> i32 {
         }
         "ptrace" => report(probe_ptrace()),
         "unix-socket" => report(std::os::unix::net::UnixDatagram::unbound().is_err()),
+        "udp-socket" | "raw-socket" => {
+            use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+            let kind = if what == "udp-socket" {
+                SockType::Datagram
+            } else {
+                SockType::Raw
+            };
+            report(socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC, None).is_err())
+        }
         "mmap-exec" => report(probe_mmap_exec()),
         "landlock-connect" => {
             if !landlock_full {
