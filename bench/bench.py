@@ -366,7 +366,9 @@ class Balance:
                     "--syslog-socket", SYSLOG.path,
                     "--workers", str(workers), str(listen), f"127.0.0.1:{backend}"]
             before = SYSLOG.count()
-            p = PROCS.start(argv, cpu=cpu, errlog=os.path.join(self.run_dir, f"stderr.{listen}"))
+            # The run directory is balance's alone (it refuses one holding others' files).
+            errlog = os.path.join(workdir, f"balance-stderr.{listen}")
+            p = PROCS.start(argv, cpu=cpu, errlog=errlog)
             self.procs.append(p)
             wait_listening(listen, p, "balance")
             wait_for(lambda: SYSLOG.count() > before, 10, "balance's start message on syslog")
