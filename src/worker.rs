@@ -253,6 +253,17 @@ enum Notice {
     Saturated,
     /// The `-B` source address could not be bound (not about a channel).
     Source,
+    /// No channel could take a client: every one is disabled, full or failing.
+    NoChannel,
+}
+
+impl Notice {
+    fn priority(self) -> Priority {
+        match self {
+            Notice::NoChannel => Priority::Warning,
+            _ => Priority::Notice,
+        }
+    }
 }
 
 /// A worker that has stopped accepting for lack of descriptors (or memory): its listeners
@@ -625,7 +636,7 @@ impl Worker {
         if held > 0 {
             line.push_str(&format!(" ({held} more like this since the last notice)"));
         }
-        self.log(Priority::Notice, line);
+        self.log(kind.priority(), line);
     }
 
     /// Sends a message to the supervisor without waiting; a full channel drops it.

@@ -425,3 +425,46 @@ fn a_refusing_channel_is_logged_once_a_second_not_once_a_connection() {
         &[failed, "more like this since the last notice"],
     );
 }
+
+/// With every channel unusable, each client is turned away: that is one warning a second,
+/// not one per connection (clients could otherwise flood syslog at will).
+#[test]
+fn no_usable_channel_is_logged_once_a_second_not_once_a_connection() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-nochannel");
+    let rx = Receiver::bind(&dir.join("log"));
+    let flags = syslog_flags(&rx.path);
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let operands = [refused_operand()];
+    let b = Balance::start_with(Start {
+        flags: &flag_refs,
+        operands: &operands,
+        workers: 1,
+        ..Start::default()
+    });
+    let turned_away = "no channel could take the connection from 127.0.0.1:";
+    let started = Instant::now();
+    for _ in 0..50 {
+        assert_eq!(greeting(b.addr()), "", "nothing to connect to");
+    }
+    let elapsed = started.elapsed();
+    rx.expect(DAEMON_WARNING, &[turned_away]);
+    std::thread::sleep(Duration::from_millis(300));
+    let count = rx
+        .lines()
+        .iter()
+        .filter(|l| l.contains(turned_away))
+        .count();
+    assert!(
+        count <= 2 + elapsed.as_secs() as usize,
+        "{count} lines for 50 connections in {elapsed:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(greeting(b.addr()), "");
+    rx.expect(
+        DAEMON_WARNING,
+        &[turned_away, "more like this since the last notice"],
+    );
+}

@@ -175,10 +175,9 @@ impl Worker {
                 return;
             };
             let Some(&(g, c)) = connecting.candidates.get(connecting.next) else {
-                self.log(
-                    Priority::Warning,
-                    format!("no channel could take the connection from {peer}"),
-                );
+                self.notice(Notice::NoChannel, None, || {
+                    format!("no channel could take the connection from {peer}")
+                });
                 return self.close(i, Ending::NoChannel);
             };
             connecting.next += 1;
