@@ -36,8 +36,11 @@ const SMALL: usize = 16 * 1024;
 /// Best effort: past the user's pipe-buffer quota the kernel keeps the default.
 const PIPE_SIZE: i32 = 256 * 1024;
 const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
-/// Pipes kept for reuse per worker; more are closed when given back.
-const POOL_LIMIT: usize = 256;
+/// Pipes kept for reuse per worker; more are closed when given back. Few: an idle pipe holds
+/// two descriptors and counts against the service user's pipe-buffer quota
+/// (`pipe-user-pages-soft`, shared by every balance process on the host), past which new
+/// pipes silently get smaller. A burst that needs more opens them and closes them after.
+const POOL_LIMIT: usize = 16;
 /// Chunks one call of [`pump`] moves at most, so that one busy connection cannot starve the
 /// others; the event loop calls again after serving them.
 const BUDGET: usize = 32;

@@ -303,3 +303,88 @@ fn idle_connections_hold_no_pipe() {
     // Only the pool's spare pipes (two ends each) remain, not one per connection.
     assert!(pipes <= 8, "{pipes} pipe ends for 40 idle connections");
 }
+
+/// After a burst of bulk transfers, a worker keeps only a few spare pipes: idle ones hold
+/// descriptors and count against the service user's pipe-buffer quota, which every balance
+/// instance on the host shares (past it, new pipes silently get smaller).
+#[test]
+fn a_burst_of_bulk_transfers_leaves_few_spare_pipes() {
+    if !require_root() {
+        return;
+    }
+    const CONNS: usize = 40;
+    const BYTES: usize = 8 << 20;
+    // A backend that lets every upload stall in balance (each flow then holds a pipe with
+    // data in it), then reads them all to the end.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    // Small receive buffers (inherited by accepted sockets): balance's writes stall soon.
+    nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::RcvBuf, &4096)
+        .expect("SO_RCVBUF");
+    let operand = listener.local_addr().expect("addr").to_string();
+    let b = Balance::start_with(Start {
+        operands: &[operand],
+        workers: 1,
+        ..Start::default()
+    });
+    let worker = b.workers()[0];
+    let baseline = fds_of_kind(worker, "pipe:");
+    let addr = b.addr();
+    let clients: Vec<_> = (0..CONNS)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut conn = TcpStream::connect(addr).expect("connect");
+                conn.set_write_timeout(Some(Duration::from_secs(30)))
+                    .expect("timeout");
+                conn.write_all(&vec![7u8; BYTES]).expect("upload");
+                conn.shutdown(Shutdown::Write).expect("shutdown");
+            })
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while accepted.len() < CONNS && Instant::now() < deadline {
+        match listener.accept() {
+            Ok((conn, _)) => accepted.push(conn),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    assert_eq!(accepted.len(), CONNS, "every upload reached the backend");
+    // A first sip from each: balance's first (copied) chunk drains, the flow turns bulk,
+    // and the next chunk waits in a pipe.
+    for conn in &mut accepted {
+        conn.set_nonblocking(false).expect("blocking");
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut sip = vec![0u8; 64 << 10];
+        conn.read_exact(&mut sip).expect("first 64 KiB");
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || fds_of_kind(worker, "pipe:")
+            >= baseline + CONNS),
+        "{} pipe ends during the stall",
+        fds_of_kind(worker, "pipe:")
+    );
+    for mut conn in accepted {
+        let mut got = 64 << 10;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) => panic!("backend read: {e}"),
+            }
+        }
+        assert_eq!(got, BYTES);
+    }
+    for c in clients {
+        c.join().expect("client");
+    }
+    // Drained pipes went back to the pool, which keeps only a few.
+    assert!(
+        wait_until(Duration::from_secs(5), || fds_of_kind(worker, "pipe:")
+            <= 34),
+        "{} pipe ends kept after the burst",
+        fds_of_kind(worker, "pipe:")
+    );
+}
