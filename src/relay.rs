@@ -5,8 +5,9 @@
 //! allows and returns. Each direction is pumped independently (a client that keeps uploading
 //! while the backend sends a large reply never stalls either side: the original's relay could
 //! deadlock there), half-close is passed on (EOF from one side becomes `shutdown(SHUT_WR)`
-//! towards the other, and the reverse direction keeps flowing), and bytes are counted per
-//! chunk with relaxed atomics.
+//! towards the other, and the reverse direction keeps flowing), a reset is passed on as a
+//! reset ([`pending_error`], [`reset_on_close`]; the worker checks before pumping), and bytes
+//! are counted per chunk with relaxed atomics.
 //!
 //! Small messages (requests, replies, protocol chatter) are read into the worker's one
 //! scratch buffer and written on at once: two system calls per message, and a read shorter
@@ -280,6 +281,24 @@ pub fn pump<S: AsFd>(
         moved,
         state: State::Busy,
     })
+}
+
+/// The error a socket holds (a reset, a timeout), if any; reading it clears it.
+pub fn pending_error(socket: &impl AsFd) -> Option<io::Error> {
+    match nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::SocketError) {
+        Ok(0) => None,
+        Ok(errno) => Some(io::Error::from_raw_os_error(errno)),
+        Err(e) => Some(e.into()),
+    }
+}
+
+/// Makes the socket's close send a reset (SO_LINGER 0) instead of a FIN after its data.
+pub fn reset_on_close(socket: &impl AsFd) {
+    let now = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let _ = nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Linger, &now);
 }
 
 /// Writes out what is pending; true when nothing is left.

@@ -388,3 +388,79 @@ fn a_burst_of_bulk_transfers_leaves_few_spare_pipes() {
         fds_of_kind(worker, "pipe:")
     );
 }
+
+/// A client that resets its connection in the middle of an upload ends the relayed
+/// connection at once, even while the backend is not reading (balance's buffers towards it
+/// full), and the backend is told with a reset too: it does not wait for the backend to
+/// drain first, holding a connection (and a place under maxc) for nobody.
+#[test]
+fn a_reset_ends_the_connection_while_the_other_side_is_not_reading() {
+    if !require_root() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let operand = listener.local_addr().expect("addr").to_string();
+    let b = Balance::start_with(Start {
+        operands: &[operand],
+        workers: 1,
+        ..Start::default()
+    });
+    let worker = b.workers()[0];
+    let baseline = fds_of_kind(worker, "socket:");
+    let mut client = TcpStream::connect(b.addr()).expect("connect");
+    let (mut backend, _) = listener.accept().expect("accept");
+    client.set_nonblocking(true).expect("nonblocking");
+    // Upload until everything between the client and the backend is full.
+    let chunk = vec![5u8; 1 << 16];
+    let mut stalled_since = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match client.write(&chunk) {
+            Ok(_) => stalled_since = None,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(300) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("upload: {e}"),
+        }
+    }
+    assert!(stalled_since.is_some(), "the upload never stalled");
+    assert_eq!(fds_of_kind(worker, "socket:"), baseline + 2);
+    // An abortive close: linger 0 makes close() send a reset.
+    let linger = nix::sys::socket::sockopt::Linger;
+    let now = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&client, linger, &now).expect("SO_LINGER");
+    drop(client);
+    assert!(
+        wait_until(Duration::from_secs(3), || fds_of_kind(worker, "socket:")
+            == baseline),
+        "balance still holds the connection"
+    );
+    // The backend learns of it as a reset, not as a clean end of the upload.
+    backend
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut ended = None;
+    for _ in 0..100_000 {
+        match backend.read(&mut buf) {
+            Ok(0) => {
+                ended = Some("end of stream");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                ended = Some("reset");
+                break;
+            }
+            Err(e) => panic!("backend read: {e}"),
+        }
+    }
+    assert_eq!(ended, Some("reset"));
+}

@@ -401,6 +401,23 @@ impl Worker {
         let Some(ch) = self.table.channel(g as usize, c as usize) else {
             return;
         };
+        // A reset (or another error) on either side ends the connection now, and the other
+        // side is told with a reset too. Waiting first for a peer that is not reading to take
+        // what is pending for it would hold the connection (and its place under maxc) for
+        // nobody, and a clean end of stream would make an aborted transfer look complete.
+        let reset = [
+            (conn.client_ready.error, &conn.client, backend),
+            (conn.backend_ready.error, backend, &conn.client),
+        ]
+        .into_iter()
+        .find_map(|(flagged, failed, other)| {
+            let e = flagged.then(|| relay::pending_error(failed)).flatten()?;
+            relay::reset_on_close(other);
+            Some(e)
+        });
+        if let Some(e) = reset {
+            return self.close(i, Ending::Error(e));
+        }
         let dump = self.config.dump;
         let up = relay::pump(
             &mut conn.up,
