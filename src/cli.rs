@@ -287,8 +287,11 @@ pub fn parse_port(text: &str, services: &Services) -> Option<u16> {
 /// Name of the table file of the balancer listening on `port` and `bind` (`-b` as typed):
 /// `balance.<port>.<bind or 0.0.0.0>`, as the original named its rendezvous file.
 pub fn table_file_name(port: u16, bind: Option<&str>) -> String {
-    format!("balance.{port}.{}", bind.unwrap_or("0.0.0.0"))
+    format!("{TABLE_FILE_PREFIX}{port}.{}", bind.unwrap_or("0.0.0.0"))
 }
+
+/// How every table file's name starts.
+pub const TABLE_FILE_PREFIX: &str = "balance.";
 
 /// Parses a whole argv, `argv[0]` included.
 pub fn parse<I, T>(args: I, services: &Services) -> Result<Command, CliError>

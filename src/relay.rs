@@ -6,7 +6,7 @@
 //! while the backend sends a large reply never stalls either side: the original's relay could
 //! deadlock there), half-close is passed on (EOF from one side becomes `shutdown(SHUT_WR)`
 //! towards the other, and the reverse direction keeps flowing), a reset is passed on as a
-//! reset ([`pending_error`], [`reset_on_close`]; the worker checks before pumping), and bytes
+//! reset ([`reset_to_pass_on`], which the worker calls before pumping), and bytes
 //! are counted per chunk with relaxed atomics.
 //!
 //! Small messages (requests, replies, protocol chatter) are read into the worker's one
@@ -283,8 +283,28 @@ pub fn pump<S: AsFd>(
     })
 }
 
+/// The error (a reset, a timeout) held by a socket of a connection that epoll flagged with
+/// one, after making the other socket's close pass it on as a reset. A flag whose socket
+/// holds no error (any more) is cleared, so that it costs no further look.
+pub fn reset_to_pass_on<S: AsFd>(a: End<'_, S>, b: End<'_, S>) -> Option<io::Error> {
+    let ends = [a, b];
+    for i in 0..2 {
+        if !ends[i].ready.error {
+            continue;
+        }
+        match pending_error(ends[i].socket) {
+            Some(e) => {
+                reset_on_close(ends[1 - i].socket);
+                return Some(e);
+            }
+            None => ends[i].ready.error = false,
+        }
+    }
+    None
+}
+
 /// The error a socket holds (a reset, a timeout), if any; reading it clears it.
-pub fn pending_error(socket: &impl AsFd) -> Option<io::Error> {
+fn pending_error(socket: &impl AsFd) -> Option<io::Error> {
     match nix::sys::socket::getsockopt(socket, nix::sys::socket::sockopt::SocketError) {
         Ok(0) => None,
         Ok(errno) => Some(io::Error::from_raw_os_error(errno)),
@@ -293,7 +313,7 @@ pub fn pending_error(socket: &impl AsFd) -> Option<io::Error> {
 }
 
 /// Makes the socket's close send a reset (SO_LINGER 0) instead of a FIN after its data.
-pub fn reset_on_close(socket: &impl AsFd) {
+fn reset_on_close(socket: &impl AsFd) {
     let now = libc::linger {
         l_onoff: 1,
         l_linger: 0,

@@ -304,6 +304,19 @@ fn idle_connections_hold_no_pipe() {
     assert!(pipes <= 8, "{pipes} pipe ends for 40 idle connections");
 }
 
+/// Balance with one worker in front of a backend the test plays itself on `listener`; the
+/// worker's pid.
+fn one_worker_in_front_of(listener: &std::net::TcpListener) -> (Balance, u32) {
+    let operand = listener.local_addr().expect("addr").to_string();
+    let b = Balance::start_with(Start {
+        operands: &[operand],
+        workers: 1,
+        ..Start::default()
+    });
+    let worker = b.workers()[0];
+    (b, worker)
+}
+
 /// After a burst of bulk transfers, a worker keeps only a few spare pipes: idle ones hold
 /// descriptors and count against the service user's pipe-buffer quota, which every balance
 /// instance on the host shares (past it, new pipes silently get smaller).
@@ -321,13 +334,7 @@ fn a_burst_of_bulk_transfers_leaves_few_spare_pipes() {
     // Small receive buffers (inherited by accepted sockets): balance's writes stall soon.
     nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::RcvBuf, &4096)
         .expect("SO_RCVBUF");
-    let operand = listener.local_addr().expect("addr").to_string();
-    let b = Balance::start_with(Start {
-        operands: &[operand],
-        workers: 1,
-        ..Start::default()
-    });
-    let worker = b.workers()[0];
+    let (b, worker) = one_worker_in_front_of(&listener);
     let baseline = fds_of_kind(worker, "pipe:");
     let addr = b.addr();
     let clients: Vec<_> = (0..CONNS)
@@ -399,13 +406,7 @@ fn a_reset_ends_the_connection_while_the_other_side_is_not_reading() {
         return;
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let operand = listener.local_addr().expect("addr").to_string();
-    let b = Balance::start_with(Start {
-        operands: &[operand],
-        workers: 1,
-        ..Start::default()
-    });
-    let worker = b.workers()[0];
+    let (b, worker) = one_worker_in_front_of(&listener);
     let baseline = fds_of_kind(worker, "socket:");
     let mut client = TcpStream::connect(b.addr()).expect("connect");
     let (mut backend, _) = listener.accept().expect("accept");

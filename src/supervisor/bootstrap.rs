@@ -290,15 +290,7 @@ fn prepare_run_dir(path: &Path, account: Option<&Account>, group: Gid) -> Result
     if !created && st.st_uid != service_uid.as_raw() {
         let world_writable = st.st_mode & 0o002 != 0;
         let only_ours = std::fs::read_dir(path)
-            .map(|entries| {
-                entries.flatten().all(|e| {
-                    let name = e.file_name();
-                    let name = name.to_string_lossy();
-                    name.starts_with("balance.")
-                        || name.starts_with(".balance.")
-                        || name.ends_with(".pid")
-                })
-            })
+            .map(|entries| entries.flatten().all(|e| is_balance_file(&e.file_name())))
             .unwrap_or(false);
         if world_writable || !only_ours {
             return Err(unavailable(
@@ -321,6 +313,14 @@ fn prepare_run_dir(path: &Path, account: Option<&Account>, group: Gid) -> Result
         }
     }
     Ok(dir)
+}
+
+/// Whether a run directory entry is one balance makes there: a table, a table under its
+/// temporary name (see [`publish_table`]), or a pid file.
+fn is_balance_file(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    let table = name.strip_prefix('.').unwrap_or(&name);
+    table.starts_with(crate::cli::TABLE_FILE_PREFIX) || name.ends_with(".pid")
 }
 
 /// Writes a fresh table under a temporary name and renames it into place, locked.

@@ -405,16 +405,16 @@ impl Worker {
         // side is told with a reset too. Waiting first for a peer that is not reading to take
         // what is pending for it would hold the connection (and its place under maxc) for
         // nobody, and a clean end of stream would make an aborted transfer look complete.
-        let reset = [
-            (conn.client_ready.error, &conn.client, backend),
-            (conn.backend_ready.error, backend, &conn.client),
-        ]
-        .into_iter()
-        .find_map(|(flagged, failed, other)| {
-            let e = flagged.then(|| relay::pending_error(failed)).flatten()?;
-            relay::reset_on_close(other);
-            Some(e)
-        });
+        let reset = relay::reset_to_pass_on(
+            End {
+                socket: &conn.client,
+                ready: &mut conn.client_ready,
+            },
+            End {
+                socket: backend,
+                ready: &mut conn.backend_ready,
+            },
+        );
         if let Some(e) = reset {
             return self.close(i, Ending::Error(e));
         }
