@@ -5,9 +5,10 @@
 //! allows and returns. Each direction is pumped independently (a client that keeps uploading
 //! while the backend sends a large reply never stalls either side: the original's relay could
 //! deadlock there), half-close is passed on (EOF from one side becomes `shutdown(SHUT_WR)`
-//! towards the other, and the reverse direction keeps flowing), a reset is passed on as a
-//! reset ([`reset_to_pass_on`], which the worker calls before pumping), and bytes
-//! are counted per chunk with relaxed atomics.
+//! towards the other, and the reverse direction keeps flowing), a failed side is named in
+//! the [`Failure`] so that the worker can deliver what that side sent before it failed and
+//! then pass the failure on as a reset ([`take_error`], [`Flow::abandon`],
+//! [`reset_on_close`]), and bytes are counted per chunk with relaxed atomics.
 //!
 //! Small messages (requests, replies, protocol chatter) are read into the worker's one
 //! scratch buffer and written on at once: two system calls per message, and a read shorter
@@ -83,14 +84,11 @@ impl Spares {
         Ok(Pipe(r, w, size))
     }
 
-    /// A pipe, or None when no descriptor (or memory) is left for one: the chunk then takes
-    /// the copying path, which needs none, instead of costing the connection.
-    fn take_unless_short(&mut self) -> io::Result<Option<Pipe>> {
-        match self.take() {
-            Ok(pipe) => Ok(Some(pipe)),
-            Err(e) if is_shortage(&e) => Ok(None),
-            Err(e) => Err(e),
-        }
+    /// A pipe, or None when none can be had (no descriptor or memory left for one): the
+    /// chunk then takes the copying path, which needs none, instead of costing the
+    /// connection.
+    fn take_unless_short(&mut self) -> Option<Pipe> {
+        self.take().ok()
     }
 
     /// Returns an empty pipe for reuse.
@@ -184,6 +182,34 @@ impl Flow {
     pub fn is_done(&self) -> bool {
         self.done
     }
+
+    /// Gives this direction up (its destination failed): what is pending for it is
+    /// dropped, and nothing more is read for it.
+    pub fn abandon(&mut self) {
+        self.pending = Pending::Nothing;
+        self.eof = true;
+        self.done = true;
+    }
+}
+
+/// The socket of a direction that an operation failed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// A read failed: the peer we read from reset (or otherwise lost) its connection.
+    Source,
+    /// A write failed: the peer we write to is gone.
+    Destination,
+}
+
+/// Why [`pump`] stopped on an error, and which of its two sockets it came from.
+#[derive(Debug)]
+pub struct Failure {
+    pub side: Side,
+    pub error: io::Error,
+}
+
+fn failed_at(side: Side) -> impl FnOnce(io::Error) -> Failure {
+    move |error| Failure { side, error }
 }
 
 /// Where one call of [`pump`] left its direction.
@@ -200,6 +226,7 @@ pub enum State {
 /// What one call of [`pump`] did.
 #[derive(Debug, Clone, Copy)]
 pub struct Pumped {
+    /// Bytes were read, or pending bytes written.
     pub moved: bool,
     pub state: State,
 }
@@ -221,7 +248,7 @@ pub fn pump<S: AsFd>(
     counter: &AtomicU64,
     dump: Option<Direction>,
     spares: &mut Spares,
-) -> io::Result<Pumped> {
+) -> Result<Pumped, Failure> {
     let mut moved = false;
     let waiting = |moved| {
         Ok(Pumped {
@@ -231,7 +258,9 @@ pub fn pump<S: AsFd>(
     };
     for _ in 0..BUDGET {
         // What the destination could not take last time goes first.
-        if !flush(&mut flow.pending, dst.socket, dst.ready, spares)? {
+        if !flush(&mut flow.pending, dst.socket, dst.ready, spares, &mut moved)
+            .map_err(failed_at(Side::Destination))?
+        {
             return waiting(moved);
         }
         if flow.eof {
@@ -254,12 +283,13 @@ pub fn pump<S: AsFd>(
         }
         // Without a pipe (not bulk, -p, or no descriptor left for one) the chunk is copied.
         let pipe = if flow.bulk && dump.is_none() {
-            spares.take_unless_short()?
+            spares.take_unless_short()
         } else {
             None
         };
         let read = match pipe {
-            Some(pipe) => splice_in(src.socket, pipe, spares, &mut flow.pending)?,
+            Some(pipe) => splice_in(src.socket, pipe, spares, &mut flow.pending)
+                .map_err(failed_at(Side::Source))?,
             None => copy(
                 flow, src.socket, src.ready, dst.socket, dst.ready, dump, spares,
             )?,
@@ -283,24 +313,18 @@ pub fn pump<S: AsFd>(
     })
 }
 
-/// The error (a reset, a timeout) held by a socket of a connection that epoll flagged with
-/// one, after making the other socket's close pass it on as a reset. A flag whose socket
-/// holds no error (any more) is cleared, so that it costs no further look.
-pub fn reset_to_pass_on<S: AsFd>(a: End<'_, S>, b: End<'_, S>) -> Option<io::Error> {
-    let ends = [a, b];
-    for i in 0..2 {
-        if !ends[i].ready.error {
-            continue;
-        }
-        match pending_error(ends[i].socket) {
-            Some(e) => {
-                reset_on_close(ends[1 - i].socket);
-                return Some(e);
-            }
-            None => ends[i].ready.error = false,
-        }
+/// The error (a reset, a timeout) held by a socket that epoll flagged with one. Reading
+/// it clears it: reads then return what the peer sent before it, then end of stream. A flag
+/// whose socket holds no error (any more) is cleared, so that it costs no further look.
+pub fn take_error<S: AsFd>(end: End<'_, S>) -> Option<io::Error> {
+    if !end.ready.error {
+        return None;
     }
-    None
+    let error = pending_error(end.socket);
+    if error.is_none() {
+        end.ready.error = false;
+    }
+    error
 }
 
 /// The error a socket holds (a reset, a timeout), if any; reading it clears it.
@@ -312,8 +336,19 @@ fn pending_error(socket: &impl AsFd) -> Option<io::Error> {
     }
 }
 
+/// Takes the error a socket holds, if any, so that reads return what is left to read.
+pub fn clear_error(socket: &impl AsFd) {
+    let _ = pending_error(socket);
+}
+
+/// Bytes written to the socket that its peer has not acknowledged yet (0 when that cannot
+/// be told: nothing to wait for).
+pub fn unacknowledged(socket: &impl AsFd) -> usize {
+    crate::sys::unacknowledged(socket.as_fd()).unwrap_or(0)
+}
+
 /// Makes the socket's close send a reset (SO_LINGER 0) instead of a FIN after its data.
-fn reset_on_close(socket: &impl AsFd) {
+pub fn reset_on_close(socket: &impl AsFd) {
     let now = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -321,12 +356,14 @@ fn reset_on_close(socket: &impl AsFd) {
     let _ = nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Linger, &now);
 }
 
-/// Writes out what is pending; true when nothing is left.
+/// Writes out what is pending (setting `wrote` if any of it went); true when nothing is
+/// left.
 fn flush(
     pending: &mut Pending,
     dst: &impl AsFd,
     ready: &mut Readiness,
     spares: &mut Spares,
+    wrote: &mut bool,
 ) -> io::Result<bool> {
     loop {
         match pending {
@@ -334,6 +371,7 @@ fn flush(
             _ if !ready.can_write() => return Ok(false),
             Pending::Buffer(buf, off) => match send(dst, &buf[*off..]) {
                 Ok(k) => {
+                    *wrote = true;
                     *off += k;
                     if *off == buf.len() {
                         *pending = Pending::Nothing;
@@ -348,6 +386,7 @@ fn flush(
             Pending::Pipe(pipe, left) => match splice(&pipe.0, None, dst, None, *left, flags()) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(k) => {
+                    *wrote = true;
                     *left -= k;
                     if *left == 0 {
                         if let Pending::Pipe(pipe, _) = std::mem::take(pending) {
@@ -429,7 +468,7 @@ fn copy(
     dst_ready: &mut Readiness,
     dump: Option<Direction>,
     spares: &mut Spares,
-) -> io::Result<Option<usize>> {
+) -> Result<Option<usize>, Failure> {
     let want = if dump.is_some() { CHUNK } else { SMALL };
     let buf = &mut spares.scratch[..want];
     let n = match nix::sys::socket::recv(src.as_fd().as_raw_fd(), buf, MsgFlags::empty()) {
@@ -439,7 +478,7 @@ fn copy(
             if let Some(dir) = dump {
                 write_dump(dir, None);
             }
-            return Err(e.into());
+            return Err(failed_at(Side::Source)(e.into()));
         }
     };
     if let Some(dir) = dump {
@@ -468,7 +507,7 @@ fn copy(
         match send_with(dst, &buf[off..n], flags) {
             Ok(k) => off += k,
             Err(Errno::EAGAIN) => dst_ready.writable = false,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(failed_at(Side::Destination)(e.into())),
         }
     }
     if off < n {

@@ -249,6 +249,18 @@ pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes written on a TCP socket that its peer has not acknowledged yet (SIOCOUTQ).
+pub fn unacknowledged(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for a socket) writes one int through its argument, which
+    // points at `n`, alive for the call; `fd` is a descriptor we hold.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(n).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
 /// Whether a thread with this id exists (in our pid namespace). Used to detect a lock holder
 /// that died without the kernel marking the lock.
 pub fn thread_exists(tid: u32) -> bool {

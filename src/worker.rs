@@ -238,6 +238,9 @@ enum TimerKind {
     Connect,
     /// Check for the idle timeout; pushed again for the new deadline while there is traffic.
     Idle,
+    /// A side has failed: check that the survivor still takes what it is owed; pushed
+    /// again while it does.
+    Stall,
 }
 
 /// The notices that are throttled.

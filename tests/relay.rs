@@ -396,12 +396,122 @@ fn a_burst_of_bulk_transfers_leaves_few_spare_pipes() {
     );
 }
 
-/// A client that resets its connection in the middle of an upload ends the relayed
-/// connection at once, even while the backend is not reading (balance's buffers towards it
-/// full), and the backend is told with a reset too: it does not wait for the backend to
-/// drain first, holding a connection (and a place under maxc) for nobody.
+/// How long balance waits, without progress, for the survivor of a reset to take what it
+/// is still owed (`ABORT_STALL` in the worker).
+const ABORT_STALL: Duration = Duration::from_secs(5);
+
+/// Sends a reset: linger 0 makes close() abort the connection.
+fn reset(conn: TcpStream) {
+    let now = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&conn, nix::sys::socket::sockopt::Linger, &now)
+        .expect("SO_LINGER");
+    drop(conn);
+}
+
+/// Writes (non-blocking) until the path stalls for 300 ms or `cap` bytes are written; how
+/// many were.
+fn write_until_stalled(conn: &mut TcpStream, cap: usize) -> usize {
+    conn.set_nonblocking(true).expect("nonblocking");
+    let chunk = vec![5u8; 1 << 16];
+    let (mut written, mut stalled_since) = (0, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while written < cap && Instant::now() < deadline {
+        match conn.write(&chunk[..chunk.len().min(cap - written)]) {
+            Ok(n) => {
+                written += n;
+                stalled_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(300) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    written
+}
+
+/// Bytes written on a socket that its peer has not acknowledged yet.
+fn unacknowledged(conn: &TcpStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int through the pointer, which points at `n`.
+    let rc = unsafe { libc::ioctl(conn.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    assert_eq!(rc, 0, "TIOCOUTQ");
+    usize::try_from(n).expect("queue length")
+}
+
+/// Reads to the end; the bytes read and how the stream ended.
+fn read_to_end_or_reset(conn: &mut TcpStream) -> (usize, &'static str) {
+    conn.set_nonblocking(false).expect("blocking");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0;
+    for _ in 0..100_000 {
+        match conn.read(&mut buf) {
+            Ok(0) => return (got, "end of stream"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, "reset"),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    panic!("the stream never ended");
+}
+
+/// A backend that answers and then resets (an HTTP server refusing an upload: its answer,
+/// then a close with the request unread) does not lose the end of its answer in balance:
+/// the client gets everything that reached balance, then the reset, as it would directly.
 #[test]
-fn a_reset_ends_the_connection_while_the_other_side_is_not_reading() {
+fn what_a_backend_sent_before_its_reset_reaches_the_client() {
+    if !require_root() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (b, _worker) = one_worker_in_front_of(&listener);
+    let mut client = TcpStream::connect(b.addr()).expect("connect");
+    let (mut backend, _) = listener.accept().expect("accept");
+    // The client uploads, and the backend never reads: the upload stalls, pending in
+    // balance too, and the backend's reset finds it unread. (The client then stops writing:
+    // its socket reports the reset once, to the read below.)
+    let uploaded = write_until_stalled(&mut client, 256 * MIB);
+    assert!(uploaded < 256 * MIB, "the upload never stalled");
+    // The client does not read yet: the answer fills its socket, balance's pipe and
+    // balance's socket towards the backend.
+    let written = write_until_stalled(&mut backend, 16 * MIB);
+    // Whatever the backend's kernel still holds is lost with the reset (as on a direct
+    // connection); the rest has reached balance. Wait for that to settle.
+    let mut queued = unacknowledged(&backend);
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = unacknowledged(&backend);
+        if now == queued {
+            break;
+        }
+        queued = now;
+    }
+    let reached_balance = written - queued;
+    assert!(
+        reached_balance > 512 * 1024,
+        "only {reached_balance} bytes reached balance"
+    );
+    reset(backend);
+    let (got, ended) = read_to_end_or_reset(&mut client);
+    assert_eq!(got, reached_balance, "bytes of the answer the client got");
+    assert_eq!(ended, "reset");
+}
+
+/// A client that resets its connection in the middle of an upload, while the backend is not
+/// reading (balance's buffers towards it full), gets its connection ended within
+/// `ABORT_STALL`, and the backend is told with a reset: a peer that takes nothing does not
+/// hold a connection (and a place under maxc) for a side that is gone.
+#[test]
+fn a_reset_ends_the_connection_when_the_other_side_takes_nothing() {
     if !require_root() {
         return;
     }
@@ -410,58 +520,24 @@ fn a_reset_ends_the_connection_while_the_other_side_is_not_reading() {
     let baseline = fds_of_kind(worker, "socket:");
     let mut client = TcpStream::connect(b.addr()).expect("connect");
     let (mut backend, _) = listener.accept().expect("accept");
-    client.set_nonblocking(true).expect("nonblocking");
     // Upload until everything between the client and the backend is full.
-    let chunk = vec![5u8; 1 << 16];
-    let mut stalled_since = None;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        match client.write(&chunk) {
-            Ok(_) => stalled_since = None,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let since = *stalled_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_millis(300) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("upload: {e}"),
-        }
-    }
-    assert!(stalled_since.is_some(), "the upload never stalled");
+    let written = write_until_stalled(&mut client, 256 * MIB);
+    assert!(written < 256 * MIB, "the upload never stalled");
     assert_eq!(fds_of_kind(worker, "socket:"), baseline + 2);
-    // An abortive close: linger 0 makes close() send a reset.
-    let linger = nix::sys::socket::sockopt::Linger;
-    let now = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    nix::sys::socket::setsockopt(&client, linger, &now).expect("SO_LINGER");
-    drop(client);
+    let reset_at = Instant::now();
+    reset(client);
     assert!(
-        wait_until(Duration::from_secs(3), || fds_of_kind(worker, "socket:")
-            == baseline),
+        wait_until(ABORT_STALL + Duration::from_secs(5), || fds_of_kind(
+            worker, "socket:"
+        ) == baseline),
         "balance still holds the connection"
     );
+    assert!(
+        reset_at.elapsed() >= ABORT_STALL - Duration::from_millis(500),
+        "the backend was not given its time to read ({:?})",
+        reset_at.elapsed()
+    );
     // The backend learns of it as a reset, not as a clean end of the upload.
-    backend
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut buf = vec![0u8; 1 << 16];
-    let mut ended = None;
-    for _ in 0..100_000 {
-        match backend.read(&mut buf) {
-            Ok(0) => {
-                ended = Some("end of stream");
-                break;
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                ended = Some("reset");
-                break;
-            }
-            Err(e) => panic!("backend read: {e}"),
-        }
-    }
-    assert_eq!(ended, Some("reset"));
+    let (_, ended) = read_to_end_or_reset(&mut backend);
+    assert_eq!(ended, "reset");
 }

@@ -16,7 +16,7 @@ use nix::errno::Errno;
 
 use super::{Busy, Notice, Timer, TimerKind, Worker, CONN_BASE};
 use crate::ipc::{Message, Priority};
-use crate::relay::{self, Direction, End, Flow, Readiness, State};
+use crate::relay::{self, Direction, End, Flow, Readiness, Side, State};
 use crate::select::{self, Candidate};
 use crate::table::{GroupKind, Snapshot};
 
@@ -36,7 +36,26 @@ pub(super) struct Conn {
     up: Flow,
     down: Flow,
     last_activity: Instant,
+    /// Set once a side has failed: the other is getting what the failed side sent before.
+    abort: Option<Box<Abort>>,
 }
+
+/// A failed side of a relayed connection, while the survivor gets what it is still owed.
+struct Abort {
+    /// True: the backend failed; false: the client.
+    backend: bool,
+    error: io::Error,
+    /// What the survivor had not acknowledged at the last look, once all is written.
+    unacknowledged: usize,
+}
+
+/// How long a connection whose other side failed waits for the survivor to take what it is
+/// still owed, without progress, before resetting it anyway: a peer that does not read
+/// must not hold the connection (and its place under maxc) for a side that is gone.
+pub(super) const ABORT_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often an aborting connection looks at what the survivor has acknowledged (no event
+/// tells when it is all).
+const ABORT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 enum Phase {
     /// Looking for a backend.
@@ -67,6 +86,8 @@ enum Ending {
     Closed,
     IdleTimeout,
     Error(io::Error),
+    /// A side failed (the error is in the connection's `abort`).
+    Aborted,
     NoChannel,
 }
 
@@ -118,6 +139,7 @@ impl Worker {
             up: Flow::default(),
             down: Flow::default(),
             last_activity: self.now,
+            abort: None,
         });
         self.live += 1;
         self.try_next(i);
@@ -387,36 +409,49 @@ impl Worker {
         self.relay(i);
     }
 
-    /// Moves bytes both ways as far as the sockets allow.
+    /// Moves bytes both ways as far as the sockets allow. When one side fails (a reset, a
+    /// write that finds it gone), what it sent before is still delivered to the other side,
+    /// which is then told with a reset: as a direct connection would have it.
     fn relay(&mut self, i: usize) {
-        let Some(Some(conn)) = self.conns.get_mut(i) else {
-            return;
-        };
+        // A failure turns the connection to aborting and pumps again, once: a second
+        // failure (the survivor's) closes it.
+        for _ in 0..2 {
+            match self.pump_both(i) {
+                Some((backend, error)) => {
+                    if !self.abort(i, backend, error) {
+                        return;
+                    }
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// One round of [`Self::relay`]: the failed side (true: the backend) and its error, if a
+    /// side failed.
+    fn pump_both(&mut self, i: usize) -> Option<(bool, io::Error)> {
+        let conn = self.conns.get_mut(i)?.as_mut()?;
         if !matches!(conn.phase, Phase::Relaying(_)) {
-            return;
+            return None;
         }
         let (Some(backend), Some((g, c))) = (conn.backend.as_ref(), conn.slot) else {
-            return;
+            return None;
         };
-        let Some(ch) = self.table.channel(g as usize, c as usize) else {
-            return;
-        };
-        // A reset (or another error) on either side ends the connection now, and the other
-        // side is told with a reset too. Waiting first for a peer that is not reading to take
-        // what is pending for it would hold the connection (and its place under maxc) for
-        // nobody, and a clean end of stream would make an aborted transfer look complete.
-        let reset = relay::reset_to_pass_on(
-            End {
-                socket: &conn.client,
-                ready: &mut conn.client_ready,
-            },
-            End {
+        let ch = self.table.channel(g as usize, c as usize)?;
+        let flagged = relay::take_error(End {
+            socket: &conn.client,
+            ready: &mut conn.client_ready,
+        })
+        .map(|e| (false, e))
+        .or_else(|| {
+            relay::take_error(End {
                 socket: backend,
                 ready: &mut conn.backend_ready,
-            },
-        );
-        if let Some(e) = reset {
-            return self.close(i, Ending::Error(e));
+            })
+            .map(|e| (true, e))
+        });
+        if flagged.is_some() {
+            return flagged;
         }
         let dump = self.config.dump;
         let up = relay::pump(
@@ -433,7 +468,8 @@ impl Worker {
             &ch.sent,
             dump.then_some(Direction::Up),
             &mut self.spares,
-        );
+        )
+        .map_err(|f| (f.side == Side::Destination, f.error));
         let down = up.and_then(|up| {
             relay::pump(
                 &mut conn.down,
@@ -451,21 +487,77 @@ impl Worker {
                 &mut self.spares,
             )
             .map(|down| (up, down))
+            .map_err(|f| (f.side == Side::Source, f.error))
         });
         let (up, down) = match down {
             Ok(both) => both,
-            Err(e) => return self.close(i, Ending::Error(e)),
+            Err(failed) => return Some(failed),
         };
         if up.moved || down.moved {
             conn.last_activity = self.now;
         }
         if conn.up.is_done() && conn.down.is_done() {
-            return self.close(i, Ending::Closed);
+            let Some(abort) = &mut conn.abort else {
+                self.close(i, Ending::Closed);
+                return None;
+            };
+            // All the survivor was owed is written. The reset that passes the failure on
+            // would drop what its kernel still holds: close once the peer acknowledged it
+            // all (the stall timer looks again until then).
+            let survivor = if abort.backend { &conn.client } else { backend };
+            let left = relay::unacknowledged(survivor);
+            if left == 0 {
+                self.close(i, Ending::Aborted);
+            } else if left < abort.unacknowledged {
+                abort.unacknowledged = left;
+                conn.last_activity = self.now;
+            }
+            return None;
         }
         if up.state == State::Busy || down.state == State::Busy {
             let serial = conn.serial;
             self.busy.push(Busy::Conn(i, serial));
         }
+        None
+    }
+
+    /// One side of a relayed connection failed (true: the backend): the direction towards
+    /// it is given up, and the other goes on until what the failed side sent is delivered
+    /// (or the survivor takes nothing for [`ABORT_STALL`]); the close then resets the
+    /// survivor. False when the connection is closed instead: the survivor failed too.
+    fn abort(&mut self, i: usize, backend: bool, error: io::Error) -> bool {
+        let Some(Some(conn)) = self.conns.get_mut(i) else {
+            return false;
+        };
+        if conn.abort.is_some() {
+            self.close(i, Ending::Aborted);
+            return false;
+        }
+        // With its error taken, the failed socket reads what its peer sent before failing,
+        // then end of stream.
+        if backend {
+            conn.up.abandon();
+            if let Some(b) = &conn.backend {
+                relay::clear_error(b);
+            }
+        } else {
+            conn.down.abandon();
+            relay::clear_error(&conn.client);
+        }
+        conn.abort = Some(Box::new(Abort {
+            backend,
+            error,
+            unacknowledged: usize::MAX,
+        }));
+        conn.last_activity = self.now;
+        let (serial, when) = (conn.serial, self.now + ABORT_POLL);
+        self.set_deadline(Timer {
+            when,
+            entry: i as u32,
+            serial,
+            kind: TimerKind::Stall,
+        });
+        true
     }
 
     /// Ends the deadlines that have passed: connect timeouts fail over, idle connections
@@ -490,6 +582,18 @@ impl Worker {
                         Some(due) if due <= self.now => self.close(i, Ending::IdleTimeout),
                         Some(due) => self.set_deadline(Timer { when: due, ..timer }),
                         None => {}
+                    }
+                }
+                TimerKind::Stall => {
+                    let last = self.conns[i].as_ref().map(|c| c.last_activity);
+                    if last.is_some_and(|l| l + ABORT_STALL <= self.now) {
+                        self.close(i, Ending::Aborted);
+                        continue;
+                    }
+                    self.relay(i);
+                    if deadline_applies(&self.conns, &timer) {
+                        let when = self.now + ABORT_POLL;
+                        self.set_deadline(Timer { when, ..timer });
                     }
                 }
             }
@@ -521,6 +625,14 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(i).and_then(Option::take) else {
             return;
         };
+        if let Some(abort) = &conn.abort {
+            // The failure is passed on: the survivor's close sends a reset.
+            match (abort.backend, &conn.backend) {
+                (true, _) => relay::reset_on_close(&conn.client),
+                (false, Some(backend)) => relay::reset_on_close(backend),
+                (false, None) => {}
+            }
+        }
         if let Some((g, c)) = conn.slot {
             self.table.release(self.row, g as usize, c as usize);
         }
@@ -538,6 +650,13 @@ impl Worker {
                 self.config.idle_timeout_secs.unwrap_or(0)
             ),
             Ending::Error(e) => format!("ended: {e}"),
+            Ending::Aborted => match &conn.abort {
+                Some(abort) => {
+                    let side = if abort.backend { "backend" } else { "client" };
+                    format!("ended: {side}: {}", abort.error)
+                }
+                None => "ended".to_string(),
+            },
         };
         let peer = conn.peer;
         self.debug(format_args!("connection from {peer} {how}"));
@@ -568,6 +687,7 @@ fn deadline_applies(conns: &[Option<Conn>], t: &Timer) -> bool {
         && match (&conn.phase, t.kind) {
             (Phase::Connecting(c), TimerKind::Connect) => c.deadline == Some(t.when),
             (Phase::Relaying(_), TimerKind::Idle) => true,
+            (Phase::Relaying(_), TimerKind::Stall) => conn.abort.is_some(),
             _ => false,
         }
 }
