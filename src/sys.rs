@@ -47,6 +47,45 @@ impl Mapping {
         })
     }
 
+    /// Maps `len` bytes of a file read-only through `read_only` (a descriptor opened
+    /// O_RDONLY, so that the pages can never be made writable: `mprotect` refuses), then
+    /// the part from `writable_from` (a multiple of the page size) on again, writable,
+    /// through `read_write`, at the same place. One contiguous mapping; both descriptors may
+    /// be closed afterwards.
+    pub fn map_split(
+        read_only: BorrowedFd<'_>,
+        read_write: BorrowedFd<'_>,
+        len: usize,
+        writable_from: usize,
+    ) -> io::Result<Mapping> {
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)?
+            .and_then(|p| usize::try_from(p).ok())
+            .unwrap_or(4096);
+        let tail = len
+            .checked_sub(writable_from)
+            .and_then(std::num::NonZeroUsize::new)
+            .filter(|_| writable_from.is_multiple_of(page))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad split"))?;
+        let offset = nix::libc::off_t::try_from(writable_from)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad split"))?;
+        let whole = Mapping::map(read_only, len, false)?;
+        // SAFETY: the range lies inside `whole`, which we own and nothing borrows yet, so
+        // replacing its pages (MAP_FIXED) cannot pull memory from under a Rust reference;
+        // the address is page aligned (the mapping is, and `writable_from` is a multiple of
+        // the page size); `read_write` is valid for the call.
+        unsafe {
+            nix::sys::mman::mmap(
+                std::num::NonZeroUsize::new(whole.as_ptr() as usize + writable_from),
+                tail,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED | nix::sys::mman::MapFlags::MAP_FIXED,
+                read_write,
+                offset,
+            )
+        }?;
+        Ok(whole)
+    }
+
     /// Start of the mapping (page aligned).
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()

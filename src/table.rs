@@ -10,9 +10,15 @@
 //!   the robust writer lock (`futex`) and published through a seqlock (`header.seq`, odd while
 //!   a write is in progress). Readers never lock: they retry a bounded number of times and
 //!   otherwise keep their last good snapshot.
-//! - **Counters** are relaxed atomics updated without any lock. The current-connection count
-//!   of a channel is kept twice: a global count that `maxc` admission compares-and-swaps, and
-//!   a per-worker row, so the supervisor can subtract a dead worker's share.
+//! - **Counters** (and the round-robin cursors) are relaxed atomics updated without any
+//!   lock. The current-connection count of a channel is kept twice: a global count that
+//!   `maxc` admission compares-and-swaps, and a per-worker row, so the supervisor can
+//!   subtract a dead worker's share.
+//! - The two parts are apart: the configuration first, the counters from
+//!   [`COUNTERS_OFFSET`] (a multiple of any page size) to the end. Workers map the
+//!   configuration from a read-only descriptor and only the counters writable
+//!   ([`Table::open_for_worker`]), so a compromised worker cannot repoint channels, set the
+//!   kill flag or hold the writer lock.
 //! - Liveness is not in the layout: the supervisor holds an exclusive `flock` on the file.
 
 use std::fs::File;
@@ -20,7 +26,7 @@ use std::io;
 use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsFd;
-use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use crate::futex::{self, LockError};
@@ -37,7 +43,7 @@ pub const MAX_POOL: usize = MAX_WORKERS / 2;
 /// "BALTABLE" in little-endian byte order.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"BALTABLE");
 /// Bump whenever anything in this file's `#[repr(C)]` structs changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// How long a writer waits for the lock before giving up with a clear error.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -75,11 +81,10 @@ pub struct Group {
     pub nchannels: AtomicU32,
     /// 0 = round robin, 1 = hash.
     pub kind: AtomicU32,
-    /// Index where the next round-robin search starts.
-    pub cursor: AtomicU32,
-    pub reserved: AtomicU32,
+    pub reserved: [AtomicU32; 2],
 }
 
+/// A channel's configuration.
 #[repr(C)]
 pub struct Channel {
     /// 1 = enabled, 0 = disabled.
@@ -92,8 +97,15 @@ pub struct Channel {
     /// IPv4 in `addr[0]`; IPv6 as four big-endian words.
     pub addr: [AtomicU32; 4],
     pub scope_id: AtomicU32,
+    pub reserved: [AtomicU32; 7],
+}
+
+/// A channel's counters, which workers write.
+#[repr(C)]
+pub struct ChannelCounters {
     /// Connections currently open or being attempted, all workers together.
     pub current: AtomicU32,
+    pub reserved: AtomicU32,
     /// Connections established to this channel (attempts that failed are not counted).
     pub total: AtomicU64,
     /// Bytes relayed client → backend.
@@ -102,13 +114,25 @@ pub struct Channel {
     pub received: AtomicU64,
 }
 
+/// Where the configuration ends.
+const CONFIG_END: usize = 64 + 16 * MAX_GROUPS + 64 * MAX_CHANNELS * MAX_GROUPS;
+/// Where the counters start: the configuration's end rounded up to 64 KiB, a multiple of
+/// every page size Linux uses, so that the two parts can be mapped with different rights.
+pub const COUNTERS_OFFSET: usize = CONFIG_END.div_ceil(1 << 16) << 16;
+
 /// The whole file.
 #[repr(C)]
 pub struct Layout {
+    // The configuration: written by the control shell and the supervisor, under the lock.
     pub header: Header,
     pub groups: [Group; MAX_GROUPS],
     pub channels: [[Channel; MAX_CHANNELS]; MAX_GROUPS],
-    /// Each worker's share of `Channel::current`, indexed `[worker][group][channel]`.
+    pub padding: [AtomicU8; COUNTERS_OFFSET - CONFIG_END],
+    // The counters: written by the workers, without a lock.
+    /// Per group, the index where the next round-robin search starts.
+    pub cursors: [AtomicU32; MAX_GROUPS],
+    pub counters: [[ChannelCounters; MAX_CHANNELS]; MAX_GROUPS],
+    /// Each worker's share of `ChannelCounters::current`, indexed `[worker][group][channel]`.
     pub worker_current: [[[AtomicU32; MAX_CHANNELS]; MAX_GROUPS]; MAX_WORKERS],
 }
 
@@ -118,12 +142,15 @@ const _: () = {
     assert!(size_of::<Header>() == 64);
     assert!(size_of::<Group>() == 16);
     assert!(size_of::<Channel>() == 64);
-    assert!(offset_of!(Channel, current) == 36);
-    assert!(offset_of!(Channel, total) == 40);
+    assert!(size_of::<ChannelCounters>() == 32);
+    assert!(offset_of!(ChannelCounters, total) == 8);
     assert!(offset_of!(Layout, groups) == 64);
     assert!(offset_of!(Layout, channels) == 64 + 16 * MAX_GROUPS);
-    assert!(offset_of!(Layout, worker_current) == 64 + 16 * MAX_GROUPS + 64 * 64 * 32);
-    assert!(TABLE_SIZE == 64 + 16 * 32 + 64 * 64 * 32 + 4 * 64 * 32 * 64);
+    assert!(offset_of!(Layout, padding) == CONFIG_END);
+    assert!(offset_of!(Layout, cursors) == COUNTERS_OFFSET);
+    assert!(offset_of!(Layout, counters) == COUNTERS_OFFSET + 4 * MAX_GROUPS);
+    assert!(offset_of!(Layout, worker_current) == COUNTERS_OFFSET + 4 * 32 + 32 * 64 * 32);
+    assert!(TABLE_SIZE == COUNTERS_OFFSET + 4 * 32 + 32 * 64 * 32 + 4 * 64 * 32 * 64);
     assert!(std::mem::align_of::<Layout>() <= 4096);
 };
 
@@ -310,7 +337,12 @@ impl Table {
             map: Mapping::map(file.as_fd(), TABLE_SIZE, writable)?,
             writable,
         };
-        let h = &table.layout().header;
+        table.check_header()?;
+        Ok(table)
+    }
+
+    fn check_header(&self) -> Result<(), TableError> {
+        let h = &self.layout().header;
         if h.magic.load(Ordering::Relaxed) != MAGIC {
             return Err(TableError::WrongMagic);
         }
@@ -326,6 +358,29 @@ impl Table {
         if h.ready.load(Ordering::Acquire) != 1 {
             return Err(TableError::NotReady);
         }
+        Ok(())
+    }
+
+    /// Maps an existing table as a worker needs it: the configuration read-only (through
+    /// `read_only`, a descriptor opened O_RDONLY), the counters from [`COUNTERS_OFFSET`]
+    /// writable (through `read_write`). The caller closes both descriptors after this, so
+    /// that nothing can map the configuration writable again.
+    pub fn open_for_worker(read_only: &File, read_write: &File) -> Result<Table, TableError> {
+        let size = read_only.metadata()?.len();
+        if size != TABLE_SIZE as u64 {
+            return Err(TableError::WrongSize { size });
+        }
+        let map = Mapping::map_split(
+            read_only.as_fd(),
+            read_write.as_fd(),
+            TABLE_SIZE,
+            COUNTERS_OFFSET,
+        )?;
+        let table = Table {
+            map,
+            writable: false,
+        };
+        table.check_header()?;
         Ok(table)
     }
 
@@ -346,6 +401,11 @@ impl Table {
     /// Channel `c` of group `g`, if both indices are in range.
     pub fn channel(&self, g: usize, c: usize) -> Option<&Channel> {
         self.layout().channels.get(g)?.get(c)
+    }
+
+    /// The counters of channel `c` of group `g`, if both indices are in range.
+    pub fn counters(&self, g: usize, c: usize) -> Option<&ChannelCounters> {
+        self.layout().counters.get(g)?.get(c)
     }
 
     /// Reads a consistent copy of the configuration, or None when writers kept it changing
@@ -417,7 +477,7 @@ impl Table {
     /// Admits one more connection to channel (g, c) for `worker` unless the channel is full
     /// (`maxc` > 0 reached, or negative). Lock-free.
     pub fn reserve(&self, worker: usize, g: usize, c: usize, maxc: i32) -> bool {
-        let (Some(ch), Some(row)) = (self.channel(g, c), self.worker_slot(worker, g, c)) else {
+        let (Some(ch), Some(row)) = (self.counters(g, c), self.worker_slot(worker, g, c)) else {
             return false;
         };
         if maxc < 0 {
@@ -441,7 +501,7 @@ impl Table {
 
     /// Gives back a slot taken with [`Table::reserve`].
     pub fn release(&self, worker: usize, g: usize, c: usize) {
-        if let (Some(ch), Some(row)) = (self.channel(g, c), self.worker_slot(worker, g, c)) {
+        if let (Some(ch), Some(row)) = (self.counters(g, c), self.worker_slot(worker, g, c)) {
             saturating_sub(row, 1);
             saturating_sub(&ch.current, 1);
         }
@@ -456,7 +516,7 @@ impl Table {
             for (c, slot) in group.iter().enumerate() {
                 let n = slot.swap(0, Ordering::Relaxed);
                 if n > 0 {
-                    saturating_sub(&self.layout().channels[g][c].current, n);
+                    saturating_sub(&self.layout().counters[g][c].current, n);
                 }
             }
         }
@@ -535,8 +595,9 @@ impl Writer<'_> {
         ch.status.store(0, Ordering::Relaxed);
         store_addr(ch, addr);
         ch.maxc.store(0, Ordering::Relaxed);
-        ch.current.store(0, Ordering::Relaxed);
-        zero_counters(ch);
+        let counters = &self.layout.counters[g][c];
+        counters.current.store(0, Ordering::Relaxed);
+        zero_counters(counters);
         for rows in &self.layout.worker_current {
             rows[g][c].store(0, Ordering::Relaxed);
         }
@@ -565,7 +626,7 @@ impl Writer<'_> {
         if c >= channel_count(group) {
             return None;
         }
-        Some(zero_counters(&self.layout.channels[g][c]))
+        Some(zero_counters(&self.layout.counters[g][c]))
     }
 }
 
@@ -587,7 +648,7 @@ fn read_channel(ch: &Channel) -> ChannelConfig {
 
 /// Zeroes total/sent/received; returns their old values. They are counted without the lock,
 /// so an increment racing with this lands either before (lost with the rest) or after.
-fn zero_counters(ch: &Channel) -> (u64, u64, u64) {
+fn zero_counters(ch: &ChannelCounters) -> (u64, u64, u64) {
     (
         ch.total.swap(0, Ordering::Relaxed),
         ch.sent.swap(0, Ordering::Relaxed),
@@ -813,17 +874,29 @@ mod tests {
         assert!(!table.reserve(0, 0, 99, 0), "bad index");
         table.fold_worker(1);
         assert_eq!(
-            table.channel(0, 0).unwrap().current.load(Ordering::Relaxed),
+            table
+                .counters(0, 0)
+                .unwrap()
+                .current
+                .load(Ordering::Relaxed),
             1
         );
         table.release(0, 0, 0);
         assert_eq!(
-            table.channel(0, 0).unwrap().current.load(Ordering::Relaxed),
+            table
+                .counters(0, 0)
+                .unwrap()
+                .current
+                .load(Ordering::Relaxed),
             0
         );
         table.release(0, 0, 0);
         assert_eq!(
-            table.channel(0, 0).unwrap().current.load(Ordering::Relaxed),
+            table
+                .counters(0, 0)
+                .unwrap()
+                .current
+                .load(Ordering::Relaxed),
             0,
             "never below zero"
         );

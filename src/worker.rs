@@ -3,7 +3,8 @@
 //! Started by the supervisor as `balance --worker` (its own image, exec'd fresh) with the
 //! supervisor channel on fd 3, a worker runs in three steps, like every balance process:
 //! 1. receive what it needs: a `Start` message carrying its settings, the listening
-//!    socket(s) and the table;
+//!    socket(s) and the table file twice, read-write and read-only (it maps the
+//!    configuration read-only and only the counters writable, then closes both);
 //! 2. lock itself down (`sandbox::lock_down_worker`) before it reads a single client byte;
 //! 3. run a single-threaded event loop: accept → pick a channel → connect with failover →
 //!    relay → account. This file holds the process and its loop; what happens to one
@@ -14,7 +15,7 @@
 //! and a relayed chunk costs the socket calls and nothing else. A connection moves through
 //! two phases: *connecting* (trying the candidates in order, each with the connect timeout)
 //! and *relaying* (see `relay.rs`). Timers (connect and idle timeouts) are one heap of
-//! deadlines, checked lazily.
+//! deadlines, plus a stall check for connections whose other side failed, checked lazily.
 //!
 //! A worker never resolves names, opens files or takes the table lock: it reads the
 //! configuration through the seqlock, admits against maxc with atomics, and asks the
@@ -86,8 +87,10 @@ pub fn run() -> Result<(), WorkerError> {
     let channel = crate::sys::take_inherited_fd(CHANNEL_FD)
         .map_err(|e| fail("supervisor channel missing", e))?;
     let channel = UnixDatagram::from(channel);
-    let (config, listeners, table_fd) = receive_start(&channel)?;
-    let table = Table::open(&File::from(table_fd), true).map_err(|e| fail("table", e))?;
+    let (config, listeners, [read_write, read_only]) = receive_start(&channel)?;
+    // Both descriptors close here: the configuration stays mapped read-only for good.
+    let table = Table::open_for_worker(&File::from(read_only), &File::from(read_write))
+        .map_err(|e| fail("table", e))?;
 
     let poll = Poll::new().map_err(|e| fail("epoll", e))?;
     channel
@@ -169,23 +172,26 @@ fn watch_listener(shared: &Epoll, listener: &impl AsFd, i: usize) -> nix::Result
 }
 
 /// Waits for the `Start` message and checks its descriptors.
+/// The start message: the configuration, the listeners, and the table file opened
+/// read-write and read-only.
 fn receive_start(
     channel: &UnixDatagram,
-) -> Result<(WorkerConfig, Vec<std::net::TcpListener>, OwnedFd), WorkerError> {
+) -> Result<(WorkerConfig, Vec<std::net::TcpListener>, [OwnedFd; 2]), WorkerError> {
     let (msg, mut fds) = ipc::recv_blocking(channel).map_err(|e| fail("start message", e))?;
     let Message::Start(config) = msg else {
         return Err(WorkerError("first message was not Start".into()));
     };
-    if config.listeners == 0 || fds.len() != config.listeners as usize + 1 {
+    if config.listeners == 0 || fds.len() != config.listeners as usize + 2 {
         return Err(WorkerError(format!(
-            "expected {} listeners and the table, got {} descriptors",
+            "expected {} listeners and the table twice, got {} descriptors",
             config.listeners,
             fds.len()
         )));
     }
-    let table = fds
-        .pop()
-        .ok_or_else(|| WorkerError("no table descriptor".into()))?;
+    let table = fds.split_off(config.listeners as usize);
+    let table: [OwnedFd; 2] = table
+        .try_into()
+        .map_err(|_| WorkerError("no table descriptors".into()))?;
     let listeners = fds.into_iter().map(std::net::TcpListener::from).collect();
     Ok((config, listeners, table))
 }

@@ -18,7 +18,9 @@ use std::process::Command;
 use common::OutputWithin;
 
 use balance::ipc::{self, Message, Priority, WorkerConfig};
-use balance::table::{GroupKind, Header, InitialGroup, Table, TableError, TABLE_SIZE};
+use balance::table::{
+    GroupKind, Header, InitialGroup, Table, TableError, LAYOUT_VERSION, TABLE_SIZE,
+};
 use properties::TableFixture;
 
 /// xorshift64*: deterministic, so a failing round can be replayed from its seed.
@@ -450,7 +452,10 @@ impl Spoil {
             Spoil::Empty => file.set_len(0).expect("truncate"),
             Spoil::Truncated => file.set_len(TABLE_SIZE as u64 - 1).expect("truncate"),
             Spoil::Magic => file.write_all_at(b"NOTATABL", 0).expect("spoil magic"),
-            Spoil::Version => put(std::mem::offset_of!(Header, layout_version), 2),
+            Spoil::Version => put(
+                std::mem::offset_of!(Header, layout_version),
+                LAYOUT_VERSION + 1,
+            ),
             Spoil::Geometry => put(std::mem::offset_of!(Header, max_channels), 128),
         }
     }
@@ -463,8 +468,12 @@ impl Spoil {
                 matches!(err, TableError::WrongSize { size } if *size == TABLE_SIZE as u64 - 1)
             }
             Spoil::Magic => matches!(err, TableError::WrongMagic),
-            Spoil::Version => matches!(err, TableError::Incompatible { version: 2 }),
-            Spoil::Geometry => matches!(err, TableError::Incompatible { version: 1 }),
+            Spoil::Version => {
+                matches!(err, TableError::Incompatible { version } if *version == LAYOUT_VERSION + 1)
+            }
+            Spoil::Geometry => {
+                matches!(err, TableError::Incompatible { version } if *version == LAYOUT_VERSION)
+            }
         }
     }
 
@@ -475,9 +484,10 @@ impl Spoil {
             Spoil::Empty => format!("table file has 0 bytes, {size}"),
             Spoil::Truncated => format!("table file has {} bytes, {size}", TABLE_SIZE - 1),
             Spoil::Magic => "not a balance table (wrong magic number)".into(),
-            Spoil::Version => {
-                "incompatible table layout version 2 (this balance understands 1)".into()
-            }
+            Spoil::Version => format!(
+                "incompatible table layout version {} (this balance understands {LAYOUT_VERSION})",
+                LAYOUT_VERSION + 1
+            ),
             Spoil::Geometry => "incompatible table layout".into(),
         }
     }

@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -104,6 +105,106 @@ fn supervisor_and_workers_run_unprivileged_on_a_privileged_port() {
         ),
         (0, gid, 0o640)
     );
+}
+
+/// The table as a worker holds it: the configuration mapped read-only, only the counters
+/// writable, and no descriptor of the table file left open with which to map it again. A
+/// compromised worker can therefore not repoint channels, set the kill flag or take the
+/// writer lock.
+#[test]
+fn workers_can_write_only_the_counters_of_the_table() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[backend.operand()]);
+    assert_eq!(greeting(b.addr()), "B1");
+    let table = std::fs::metadata(b.table_path()).expect("table");
+    let split = balance::table::COUNTERS_OFFSET as u64;
+    // The mapping ends at the page boundary after the file's end.
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .expect("sysconf")
+        .expect("page size") as u64;
+    let end = (balance::table::TABLE_SIZE as u64).div_ceil(page) * page;
+    for w in b.workers() {
+        let maps = std::fs::read_to_string(format!("/proc/{w}/maps")).expect("maps");
+        // "start-end perms offset dev inode path": this file's mappings, by file offset.
+        let mut parts: Vec<(u64, u64, String)> = maps
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() < 6 || f[4] != table.ino().to_string() {
+                    return None;
+                }
+                let (start, stop) = f[0].split_once('-')?;
+                let len =
+                    u64::from_str_radix(stop, 16).ok()? - u64::from_str_radix(start, 16).ok()?;
+                let offset = u64::from_str_radix(f[2], 16).ok()?;
+                Some((offset, offset + len, f[1].to_string()))
+            })
+            .collect();
+        parts.sort();
+        assert_eq!(
+            parts,
+            vec![
+                (0, split, "r--s".to_string()),
+                (split, end, "rw-s".to_string())
+            ],
+            "worker {w} maps the table as {parts:?}"
+        );
+        for fd in std::fs::read_dir(format!("/proc/{w}/fd"))
+            .expect("fds")
+            .flatten()
+        {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            assert_ne!(
+                target,
+                b.table_path(),
+                "worker {w} keeps a descriptor of the table"
+            );
+        }
+    }
+}
+
+/// What makes the read-only part stick: pages mapped through a read-only descriptor cannot
+/// be made writable, whatever the process holds.
+#[test]
+fn the_read_only_part_of_a_worker_table_cannot_be_made_writable() {
+    let path = std::env::temp_dir().join(format!("balance-split-{}", std::process::id()));
+    let read_write = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .expect("create");
+    let _ = std::fs::remove_file(&path);
+    balance::table::Table::initialise(&read_write, &[]).expect("initialise");
+    let read_only = std::fs::File::open(format!("/proc/self/fd/{}", read_write.as_raw_fd()))
+        .expect("reopen read-only");
+    let table = balance::table::Table::open_for_worker(&read_only, &read_write).expect("open");
+    drop((read_only, read_write));
+    let base = table.layout() as *const balance::table::Layout as *mut libc::c_void;
+    let split = balance::table::COUNTERS_OFFSET;
+    // SAFETY: mprotect only changes the rights of pages of this mapping, which the table
+    // owns and which stay mapped; nothing is read or written through it here.
+    let rc = unsafe { libc::mprotect(base, split, libc::PROT_READ | libc::PROT_WRITE) };
+    assert_eq!(rc, -1, "the configuration became writable");
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EACCES)
+    );
+    // The counters are writable.
+    let counters = table.counters(0, 0).expect("counters");
+    counters
+        .total
+        .fetch_add(5, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(counters.total.load(std::sync::atomic::Ordering::Relaxed), 5);
+    table.layout().cursors[0].store(3, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        !table.is_writable(),
+        "a worker's table refuses configuration updates"
+    );
+    assert!(table.update(|_| ()).is_err());
 }
 
 /// Workers are started from the supervisor's own image through a descriptor, which would

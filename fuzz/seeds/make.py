@@ -78,7 +78,8 @@ for name, data in MESSAGES.items():
 
 # table_reader input: hash, cursor seed, flags, header word index, header word value, then
 # the bytes from the first group on (Group: nchannels, kind, cursor, reserved; Channel:
-# status, port, family, maxc, addr[4], scope_id, current, total, sent, received).
+# status, port, family, maxc, addr[4], scope_id, then 28 reserved bytes). In the table the
+# cursor word is reserved: the harness copies it to the group's cursor in the counters.
 GROUPS, CHANNELS = 32, 64
 
 

@@ -129,9 +129,10 @@ pub fn check_ipc_bytes(bytes: &[u8]) {
     assert_eq!(again, msg, "round trip changed the message");
 }
 
-/// Bytes of the table that `check_table_bytes` rewrites: the header, then every group and
-/// channel (the per-worker counts after them are never read by a snapshot).
-const REGION: usize = offset_of!(Layout, worker_current);
+/// Bytes of the table that `check_table_bytes` rewrites: the configuration (header, every
+/// group and channel). The third word of each group in the input, a reserved word in the
+/// table, is also stored as the group's round-robin cursor (in the counters part).
+const REGION: usize = offset_of!(Layout, padding);
 const HEADER_WORDS: usize = size_of::<Header>() / 4;
 /// Fixed bytes at the start of a table input: hash (4), cursor seed (4), flags (1), header
 /// word index (1), header word value (4).
@@ -239,6 +240,10 @@ pub fn check_table_bytes(fixture: &TableFixture, data: &[u8]) -> usize {
     if flags & 2 != 0 {
         fixture.write(&header_word.1.to_le_bytes(), 4 * header_word.0);
     }
+    let l = fixture.table.layout();
+    for (cursor, group) in l.cursors.iter().zip(&l.groups) {
+        cursor.store(group.reserved[0].load(Ordering::Relaxed), Ordering::Relaxed);
+    }
 
     let header = fixture.table.header();
     let expected = expected_open(header);
@@ -264,7 +269,7 @@ pub fn check_table_bytes(fixture: &TableFixture, data: &[u8]) -> usize {
     check_snapshot(&table, &snap);
 
     let hash_failover = flags & 1 != 0;
-    let from_table = |g: usize| table.layout().groups[g].cursor.load(Ordering::Relaxed);
+    let from_table = |g: usize| table.layout().cursors[g].load(Ordering::Relaxed);
     let from_seed = |g: usize| seed.rotate_left(g as u32).wrapping_mul(g as u32 + 1);
     let chosen = if flags & 4 != 0 {
         select::candidates(&snap, hash, hash_failover, from_seed)

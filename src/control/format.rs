@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use crate::table::{Channel, GroupKind, Snapshot, Table, MAX_CHANNELS, MAX_GROUPS};
+use crate::table::{ChannelCounters, GroupKind, Snapshot, Table, MAX_CHANNELS, MAX_GROUPS};
 
 /// The original's ip column is `%16s`. IPv6 addresses can be longer; the column then widens
 /// to the longest address shown, so rows stay aligned and IPv4-only tables look as before.
@@ -20,7 +20,7 @@ struct Counters {
     received: u64,
 }
 
-fn counters(ch: Option<&Channel>) -> Counters {
+fn counters(ch: Option<&ChannelCounters>) -> Counters {
     ch.map_or(
         Counters {
             current: 0,
@@ -71,7 +71,7 @@ pub fn show(table: &Table, snap: &Snapshot) -> String {
     for (g, group) in snap.groups.iter().enumerate().take(MAX_GROUPS) {
         for (c, ch) in group.channels.iter().enumerate().take(MAX_CHANNELS) {
             let (ip, port) = address(ch.addr);
-            let n = counters(table.channel(g, c));
+            let n = counters(table.counters(g, c));
             let _ = writeln!(
                 out,
                 "{g:3} {:>4} {c:2} {:>3} {ip:>width$} {port:5} {:4} {:11} {:4} {:11} {:11}",
@@ -119,7 +119,7 @@ pub fn show_json(table: &Table, snap: &Snapshot) -> String {
                 }
                 None => ("null".to_string(), "null".to_string()),
             };
-            let n = counters(table.channel(g, c));
+            let n = counters(table.counters(g, c));
             let _ = write!(
                 out,
                 "{{\"channel\":{c},\"enabled\":{},\"address\":{addr},\"port\":{port},\
@@ -160,7 +160,7 @@ fn totals(table: &Table, snap: &Snapshot) -> Totals {
         }
         t.groups += 1;
         for (c, ch) in group.channels.iter().enumerate() {
-            let n = counters(table.channel(g, c));
+            let n = counters(table.counters(g, c));
             t.channels += 1;
             t.enabled += usize::from(ch.enabled);
             // Modulo 2^64, like the counters themselves (a table written by hand can hold
@@ -201,7 +201,7 @@ pub fn stats_json(table: &Table, snap: &Snapshot) -> String {
 /// `mrtg-bytes`: MRTG's external-script answer: incoming (backend → client), outgoing,
 /// uptime and name (the original prints UNKNOWN for uptime).
 pub fn mrtg_bytes(table: &Table, g: usize, c: usize) -> String {
-    let n = counters(table.channel(g, c));
+    let n = counters(table.counters(g, c));
     format!(
         "{}\n{}\nUNKNOWN\ngroup {g} channel {c}\n",
         n.received, n.sent
@@ -210,7 +210,7 @@ pub fn mrtg_bytes(table: &Table, g: usize, c: usize) -> String {
 
 /// `mrtg-conns`: total connections as MRTG's first value; the second is unknown.
 pub fn mrtg_conns(table: &Table, g: usize, c: usize) -> String {
-    let n = counters(table.channel(g, c));
+    let n = counters(table.counters(g, c));
     format!("{}\nUNKNOWN\nUNKNOWN\ngroup {g} channel {c}\n", n.total)
 }
 

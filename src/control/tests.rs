@@ -197,7 +197,7 @@ fn addresses_resolve_with_an_inline_port_winning() {
 #[test]
 fn show_and_mrtg_keep_the_original_formats() {
     let f = three_channels("show", true);
-    let ch = f.table.channel(0, 0).expect("channel");
+    let ch = f.table.counters(0, 0).expect("channel");
     ch.total.store(3, Ordering::Relaxed);
     ch.sent.store(21, Ordering::Relaxed);
     ch.received.store(30, Ordering::Relaxed);
@@ -279,7 +279,7 @@ fn enable_disable_maxc_reset_messages() {
         f.table.snapshot().expect("snap").groups[0].channels[1].maxc,
         5
     );
-    let ch = f.table.channel(0, 2).expect("channel");
+    let ch = f.table.counters(0, 2).expect("channel");
     ch.total.store(9, Ordering::Relaxed);
     ch.sent.store(8, Ordering::Relaxed);
     ch.received.store(7, Ordering::Relaxed);
@@ -319,9 +319,16 @@ fn groups_create_assign_and_kind() {
     assert_eq!(rejected(&mut s, "group 32"), "value out of range\n");
     assert_eq!(s.group, 1);
     // A slot used before (stale values) comes back clean.
-    let stale = f.table.channel(1, 0).expect("channel");
-    stale.total.store(2, Ordering::Relaxed);
-    stale.maxc.store(7, Ordering::Relaxed);
+    f.table
+        .counters(1, 0)
+        .expect("channel")
+        .total
+        .store(2, Ordering::Relaxed);
+    f.table
+        .channel(1, 0)
+        .expect("channel")
+        .maxc
+        .store(7, Ordering::Relaxed);
     let reply = s.run_line("create 127.0.0.1 21004").expect("create");
     assert_eq!(reply.text, "channel created\n");
     assert_eq!(reply.audit.expect("audit").channel, Some(0));
@@ -470,7 +477,7 @@ fn stats_add_counters_modulo_2_64() {
     let f = three_channels("stats-wrap", true);
     let mut s = session(&f);
     for c in 0..2 {
-        let ch = f.table.channel(0, c).expect("channel");
+        let ch = f.table.counters(0, c).expect("channel");
         ch.sent.store(u64::MAX, Ordering::Relaxed);
         ch.received.store(u64::MAX, Ordering::Relaxed);
     }

@@ -56,6 +56,9 @@ pub struct Boot {
     pub source: Option<IpAddr>,
     pub table: Table,
     pub table_file: File,
+    /// The same file opened read-only: workers map the configuration through it, so that
+    /// they can never write it (see `Table::open_for_worker`).
+    pub table_file_read_only: File,
     run_dir: OwnedFd,
     table_name: String,
     /// Our own executable, opened before the privilege drop, for re-exec of workers.
@@ -103,6 +106,14 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
     let table_name = table_file_name(listen.port, listen.bind.as_deref());
     let run_dir = prepare_run_dir(&args.common.run_dir, account.as_ref(), table_gid)?;
     let (table_file, table) = publish_table(&run_dir, &table_name, table_gid, &groups)?;
+    // Reopened through our own descriptor: the same file, whatever the directory holds now.
+    let table_file_read_only = open(
+        format!("/proc/self/fd/{}", table_file.as_raw_fd()).as_str(),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(File::from)
+    .map_err(|e| Fatal::new(EX_OSERR, format!("cannot reopen table file read-only: {e}")))?;
     if args.common.debug {
         print_startup(args, &table_name, &groups);
     }
@@ -119,6 +130,7 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
         source,
         table,
         table_file,
+        table_file_read_only,
         run_dir,
         table_name,
         exe,

@@ -278,6 +278,7 @@ async fn spawn(
     let channel = UnixDatagram::from_std(std_sock)?;
     let mut fds: Vec<i32> = sup.boot.listeners.iter().map(|l| l.as_raw_fd()).collect();
     fds.push(sup.boot.table_file.as_raw_fd());
+    fds.push(sup.boot.table_file_read_only.as_raw_fd());
     let config = WorkerConfig {
         row: row as u32,
         connect_ports: sup.ports.borrow().iter().copied().collect(),

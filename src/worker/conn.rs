@@ -114,7 +114,7 @@ impl Worker {
         let snap = self.snapshot();
         let hash = select::client_hash(peer.ip());
         let candidates = select::candidates(&snap, hash, self.config.hash_failover, |g| {
-            self.table.layout().groups[g].cursor.load(Ordering::Relaxed)
+            self.table.layout().cursors[g].load(Ordering::Relaxed)
         });
         self.serial += 1;
         self.conns[i] = Some(Conn {
@@ -278,9 +278,7 @@ impl Worker {
         }
         if group.kind == GroupKind::RoundRobin {
             let next = ((c + 1) % group.channels.len()) as u32;
-            self.table.layout().groups[g]
-                .cursor
-                .store(next, Ordering::Relaxed);
+            self.table.layout().cursors[g].store(next, Ordering::Relaxed);
         }
         Some(addr)
     }
@@ -378,7 +376,7 @@ impl Worker {
         // The client socket inherited both options from the listener (see the bootstrap).
         let _ = backend.set_nodelay(true);
         let _ = nix::sys::socket::setsockopt(backend, nix::sys::socket::sockopt::KeepAlive, &true);
-        if let Some(ch) = self.table.channel(g as usize, c as usize) {
+        if let Some(ch) = self.table.counters(g as usize, c as usize) {
             ch.total.fetch_add(1, Ordering::Relaxed);
         }
         // Nothing of the choice is needed while the bytes flow.
@@ -437,7 +435,7 @@ impl Worker {
         let (Some(backend), Some((g, c))) = (conn.backend.as_ref(), conn.slot) else {
             return None;
         };
-        let ch = self.table.channel(g as usize, c as usize)?;
+        let ch = self.table.counters(g as usize, c as usize)?;
         let flagged = relay::take_error(End {
             socket: &conn.client,
             ready: &mut conn.client_ready,

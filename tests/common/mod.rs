@@ -590,7 +590,7 @@ pub fn table(path: &Path) -> (std::fs::File, balance::table::Table) {
 /// (current, total, sent, received) of channel (g, c).
 pub fn counters(path: &Path, g: usize, c: usize) -> (u32, u64, u64, u64) {
     let (_f, t) = table(path);
-    let ch = t.channel(g, c).expect("channel");
+    let ch = t.counters(g, c).expect("channel");
     (
         ch.current.load(Ordering::Relaxed),
         ch.total.load(Ordering::Relaxed),
