@@ -174,6 +174,10 @@ pub struct Flow {
     /// EOF was read and everything before it written (and passed on, if it had to be).
     done: bool,
     pending: Pending,
+    /// The source failed (a reset): what it sent before goes on, but no FIN follows the
+    /// last of it at once (the close waits for the destination's acknowledgement), and the
+    /// dump ends with -1.
+    source_failed: bool,
     /// Bytes moved so far.
     pub bytes: u64,
 }
@@ -189,6 +193,12 @@ impl Flow {
         self.pending = Pending::Nothing;
         self.eof = true;
         self.done = true;
+    }
+
+    /// Marks this direction's source as failed: it is read to its end, and what it sent is
+    /// delivered, but the last chunk is not held back for a FIN.
+    pub fn source_failed(&mut self) {
+        self.source_failed = true;
     }
 }
 
@@ -314,15 +324,17 @@ pub fn pump<S: AsFd>(
 }
 
 /// The error (a reset, a timeout) held by a socket that epoll flagged with one. Reading
-/// it clears it: reads then return what the peer sent before it, then end of stream. A flag
-/// whose socket holds no error (any more) is cleared, so that it costs no further look.
+/// it clears it: reads then return what the peer sent before it, then end of stream (so
+/// the socket is marked readable). The flag is cleared either way, so that it costs no
+/// further look.
 pub fn take_error<S: AsFd>(end: End<'_, S>) -> Option<io::Error> {
     if !end.ready.error {
         return None;
     }
+    end.ready.error = false;
     let error = pending_error(end.socket);
-    if error.is_none() {
-        end.ready.error = false;
+    if error.is_some() {
+        end.ready.readable = true;
     }
     error
 }
@@ -334,11 +346,6 @@ fn pending_error(socket: &impl AsFd) -> Option<io::Error> {
         Ok(errno) => Some(io::Error::from_raw_os_error(errno)),
         Err(e) => Some(e.into()),
     }
-}
-
-/// Takes the error a socket holds, if any, so that reads return what is left to read.
-pub fn clear_error(socket: &impl AsFd) {
-    let _ = pending_error(socket);
 }
 
 /// Bytes written to the socket that its peer has not acknowledged yet (0 when that cannot
@@ -474,15 +481,12 @@ fn copy(
     let n = match nix::sys::socket::recv(src.as_fd().as_raw_fd(), buf, MsgFlags::empty()) {
         Ok(n) => n,
         Err(Errno::EAGAIN | Errno::EINTR) => return Ok(None),
-        Err(e) => {
-            if let Some(dir) = dump {
-                write_dump(dir, None);
-            }
-            return Err(failed_at(Side::Source)(e.into()));
-        }
+        // The dump's -1 comes with the end of the stream, once the worker has read what
+        // the failed side sent before (see `source_failed`).
+        Err(e) => return Err(failed_at(Side::Source)(e.into())),
     };
     if let Some(dir) = dump {
-        write_dump(dir, Some(&buf[..n]));
+        write_dump(dir, (n > 0 || !flow.source_failed).then_some(&buf[..n]));
     }
     if n == 0 {
         return Ok(Some(0));
@@ -491,7 +495,7 @@ fn copy(
     if n < want {
         // A short read emptied the socket: the next data brings a new event.
         src_ready.readable = false;
-        if src_ready.read_closed && !src_ready.error && dump.is_none() {
+        if src_ready.read_closed && !src_ready.error && !flow.source_failed && dump.is_none() {
             // The peer's FIN had arrived before this read, so this was the last of the data:
             // no read needed to learn it. MSG_MORE holds the data back for the FIN that
             // follows at once (shutdown or close), and both leave in one segment: a packet,

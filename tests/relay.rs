@@ -506,6 +506,74 @@ fn what_a_backend_sent_before_its_reset_reaches_the_client() {
     assert_eq!(ended, "reset");
 }
 
+/// A short answer followed by a reset (an HTTP server refusing a request body: its "413",
+/// then a close with the body unread) reaches the client at once, then the reset: the last
+/// chunk is not held back waiting for a FIN that, on an aborted connection, never comes.
+#[test]
+fn a_short_answer_before_a_reset_is_not_held_back() {
+    if !require_root() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (b, _worker) = one_worker_in_front_of(&listener);
+    let answer =
+        b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let mut delays = Vec::new();
+    for _ in 0..5 {
+        let mut client = TcpStream::connect(b.addr()).expect("connect");
+        let (mut backend, _) = listener.accept().expect("accept");
+        client
+            .write_all(b"POST /upload HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+            .expect("request");
+        client.write_all(&[0u8; 4096]).expect("part of the body");
+        let mut head = [0u8; 16];
+        backend
+            .read_exact(&mut head)
+            .expect("request reached the backend");
+        backend.write_all(answer).expect("answer");
+        let sent = Instant::now();
+        reset(backend);
+        let (got, ended) = read_to_end_or_reset(&mut client);
+        delays.push(sent.elapsed());
+        assert_eq!((got, ended), (answer.len(), "reset"));
+    }
+    delays.sort();
+    assert!(
+        delays[2] < Duration::from_millis(100),
+        "answer and reset took {delays:?}"
+    );
+}
+
+/// With `-p`, a direction whose source reset ends with -1 in the dump, as in the original.
+#[test]
+fn packet_dump_shows_a_reset_as_minus_one() {
+    if !require_root() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let operand = listener.local_addr().expect("addr").to_string();
+    let b = Balance::start_with(Start {
+        flags: &["-p"],
+        operands: &[operand],
+        workers: 1,
+        ..Start::default()
+    });
+    let mut client = TcpStream::connect(b.addr()).expect("connect");
+    let (mut backend, _) = listener.accept().expect("accept");
+    backend.write_all(b"hi").expect("send");
+    let mut hi = [0u8; 2];
+    client.read_exact(&mut hi).expect("hi");
+    reset(backend);
+    let (_, ended) = read_to_end_or_reset(&mut client);
+    assert_eq!(ended, "reset");
+    assert!(
+        wait_until(Duration::from_secs(5), || b.stdout()
+            == "-< 2\nhi\n-< -1\n\n"),
+        "stdout:\n{}",
+        b.stdout()
+    );
+}
+
 /// A client that resets its connection in the middle of an upload, while the backend is not
 /// reading (balance's buffers towards it full), gets its connection ended within
 /// `ABORT_STALL`, and the backend is told with a reset: a peer that takes nothing does not

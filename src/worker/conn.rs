@@ -45,16 +45,31 @@ struct Abort {
     /// True: the backend failed; false: the client.
     backend: bool,
     error: io::Error,
-    /// What the survivor had not acknowledged at the last look, once all is written.
+    /// What the survivor had not acknowledged at the last look, once all is written
+    /// (`usize::MAX` until then).
     unacknowledged: usize,
+    /// When the side failed.
+    since: Instant,
+    /// The one check deadline that applies (older ones in the heap are stale); None when
+    /// none is armed.
+    check: Option<Instant>,
+}
+
+impl Abort {
+    /// Everything is written; the survivor's acknowledgement is awaited.
+    fn all_written(&self) -> bool {
+        self.unacknowledged != usize::MAX
+    }
 }
 
 /// How long a connection whose other side failed waits for the survivor to take what it is
 /// still owed, without progress, before resetting it anyway: a peer that does not read
 /// must not hold the connection (and its place under maxc) for a side that is gone.
 pub(super) const ABORT_STALL: std::time::Duration = std::time::Duration::from_secs(5);
-/// How often an aborting connection looks at what the survivor has acknowledged (no event
-/// tells when it is all).
+/// How long it waits at most, progress or not.
+const ABORT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often an aborting connection that has written everything looks at what the
+/// survivor has acknowledged (no event tells when it is all).
 const ABORT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 enum Phase {
@@ -420,9 +435,34 @@ impl Worker {
                         return;
                     }
                 }
-                None => return,
+                None => break,
             }
         }
+        self.schedule_abort_check(i);
+    }
+
+    /// For an aborting connection still open without a check due: the next look, soon
+    /// while its survivor's acknowledgement is awaited, else when it would have stalled.
+    fn schedule_abort_check(&mut self, i: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let Some(abort) = conn.abort.as_mut().filter(|a| a.check.is_none()) else {
+            return;
+        };
+        let when = if abort.all_written() {
+            self.now + ABORT_POLL
+        } else {
+            conn.last_activity + ABORT_STALL
+        };
+        abort.check = Some(when);
+        let serial = conn.serial;
+        self.set_deadline(Timer {
+            when,
+            entry: i as u32,
+            serial,
+            kind: TimerKind::Stall,
+        });
     }
 
     /// One round of [`Self::relay`]: the failed side (true: the backend) and its error, if a
@@ -507,6 +547,10 @@ impl Worker {
             if left == 0 {
                 self.close(i, Ending::Aborted);
             } else if left < abort.unacknowledged {
+                if !abort.all_written() {
+                    // From now on polled: the stall check armed so far no longer applies.
+                    abort.check = None;
+                }
                 abort.unacknowledged = left;
                 conn.last_activity = self.now;
             }
@@ -531,30 +575,23 @@ impl Worker {
             self.close(i, Ending::Aborted);
             return false;
         }
-        // With its error taken, the failed socket reads what its peer sent before failing,
-        // then end of stream.
-        if backend {
-            conn.up.abandon();
-            if let Some(b) = &conn.backend {
-                relay::clear_error(b);
-            }
+        // Its error taken (by the look or the call that failed), the failed socket reads
+        // what its peer sent before failing, then end of stream.
+        let (towards, from) = if backend {
+            (&mut conn.up, &mut conn.down)
         } else {
-            conn.down.abandon();
-            relay::clear_error(&conn.client);
-        }
+            (&mut conn.down, &mut conn.up)
+        };
+        towards.abandon();
+        from.source_failed();
         conn.abort = Some(Box::new(Abort {
             backend,
             error,
             unacknowledged: usize::MAX,
+            since: self.now,
+            check: None,
         }));
         conn.last_activity = self.now;
-        let (serial, when) = (conn.serial, self.now + ABORT_POLL);
-        self.set_deadline(Timer {
-            when,
-            entry: i as u32,
-            serial,
-            kind: TimerKind::Stall,
-        });
         true
     }
 
@@ -583,16 +620,21 @@ impl Worker {
                     }
                 }
                 TimerKind::Stall => {
-                    let last = self.conns[i].as_ref().map(|c| c.last_activity);
-                    if last.is_some_and(|l| l + ABORT_STALL <= self.now) {
+                    let Some(Some(conn)) = self.conns.get_mut(i) else {
+                        continue;
+                    };
+                    let Some(abort) = conn.abort.as_mut() else {
+                        continue;
+                    };
+                    if conn.last_activity + ABORT_STALL <= self.now
+                        || abort.since + ABORT_LIMIT <= self.now
+                    {
                         self.close(i, Ending::Aborted);
                         continue;
                     }
+                    // Look again (and arm the next check).
+                    abort.check = None;
                     self.relay(i);
-                    if deadline_applies(&self.conns, &timer) {
-                        let when = self.now + ABORT_POLL;
-                        self.set_deadline(Timer { when, ..timer });
-                    }
                 }
             }
         }
@@ -685,7 +727,9 @@ fn deadline_applies(conns: &[Option<Conn>], t: &Timer) -> bool {
         && match (&conn.phase, t.kind) {
             (Phase::Connecting(c), TimerKind::Connect) => c.deadline == Some(t.when),
             (Phase::Relaying(_), TimerKind::Idle) => true,
-            (Phase::Relaying(_), TimerKind::Stall) => conn.abort.is_some(),
+            (Phase::Relaying(_), TimerKind::Stall) => {
+                conn.abort.as_ref().is_some_and(|a| a.check == Some(t.when))
+            }
             _ => false,
         }
 }
