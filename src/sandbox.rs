@@ -142,6 +142,9 @@ pub fn lock_down_worker(
     if !stdio_is_regular_file() {
         setrlimit(Resource::RLIMIT_FSIZE, 0, 0)?;
     }
+    // std's handler for these would call sigaction, which the filter forbids: every memory
+    // fault would then be reported as SIGSYS, a seccomp violation.
+    crate::sys::default_fault_handlers()?;
     let landlock = restrict_with_landlock(connect_ports)?;
     seccompiler::apply_filter(filter).map_err(|e| io::Error::other(format!("seccomp: {e}")))?;
     Ok(landlock)

@@ -288,6 +288,18 @@ pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Puts SIGSEGV and SIGBUS back to their default action (std installs handlers for them
+/// that report a stack overflow), so that a memory fault ends the process with that signal.
+pub fn default_fault_handlers() -> io::Result<()> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for sig in [Signal::SIGSEGV, Signal::SIGBUS] {
+        // SAFETY: SIG_DFL runs no code of ours, so no handler can observe a half-updated
+        // state; replacing std's handler only loses its stack-overflow message.
+        unsafe { signal(sig, SigHandler::SigDfl) }?;
+    }
+    Ok(())
+}
+
 /// Bytes written on a TCP socket that its peer has not acknowledged yet (SIOCOUTQ).
 pub fn unacknowledged(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;

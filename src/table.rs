@@ -483,13 +483,15 @@ impl Table {
         if maxc < 0 {
             return false;
         }
+        // Without a limit nothing is refused, whatever the count says (any worker can write
+        // it: a count stuck at the top must not close an unlimited channel).
         let admitted = ch
             .current
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                 if maxc > 0 && cur >= maxc as u32 {
                     None
                 } else {
-                    cur.checked_add(1)
+                    Some(cur.saturating_add(1))
                 }
             })
             .is_ok();
@@ -872,6 +874,15 @@ mod tests {
         assert!(!table.reserve(1, 0, 0, 2), "maxc 2 reached");
         assert!(!table.reserve(0, 0, 0, -1), "negative maxc never admits");
         assert!(!table.reserve(0, 0, 99, 0), "bad index");
+        // A count stuck at the top (any worker can write it) closes no unlimited channel.
+        let count = &table.counters(0, 0).unwrap().current;
+        let before = count.swap(u32::MAX, Ordering::Relaxed);
+        assert!(
+            table.reserve(0, 0, 0, 0),
+            "maxc 0 admits whatever the count"
+        );
+        assert!(!table.reserve(0, 0, 0, 2));
+        count.store(before, Ordering::Relaxed);
         table.fold_worker(1);
         assert_eq!(
             table

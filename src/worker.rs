@@ -84,6 +84,9 @@ pub fn run() -> Result<(), WorkerError> {
     // Executed through /proc/self/fd/N, the kernel named this process "N": give `ps`, `top`
     // and `pgrep` the name they expect. Cosmetic, so a failure is not fatal.
     let _ = nix::sys::prctl::set_name(c"balance");
+    // Not dumpable from the start (the exec made it so again): until the lockdown, no
+    // process of the service user may attach and take the table's read-write descriptor.
+    nix::sys::prctl::set_dumpable(false).map_err(|e| fail("prctl", e))?;
     let channel = crate::sys::take_inherited_fd(CHANNEL_FD)
         .map_err(|e| fail("supervisor channel missing", e))?;
     let channel = UnixDatagram::from(channel);

@@ -34,6 +34,10 @@ fn main() {
         ("a UDP socket is killed", || expect_sigsys("udp-socket")),
         ("a raw IP socket is killed", || expect_sigsys("raw-socket")),
         ("executable memory is killed", || expect_sigsys("mmap-exec")),
+        (
+            "a write to the table's configuration is a memory fault",
+            expect_table_write_faults,
+        ),
         ("connect only to channel ports", landlock_connect),
         ("bind only to port 0", landlock_bind),
         ("allowed calls keep working", allowed_calls),
@@ -81,6 +85,20 @@ fn expect_sigsys(what: &str) -> Result<(), String> {
     }
 }
 
+/// The probe maps a table as a worker does, locks down, counts once (allowed), then writes
+/// to the configuration: the process must die of SIGSEGV, reported as such (not as a
+/// seccomp violation, which std's fault handler would turn it into).
+fn expect_table_write_faults() -> Result<(), String> {
+    let out = probe("table-write", &[]);
+    match (out.status.signal(), String::from_utf8_lossy(&out.stderr)) {
+        (Some(libc::SIGSEGV), stderr) if stderr.contains("counted") => Ok(()),
+        (signal, stderr) => Err(format!(
+            "expected SIGSEGV after counting, got signal {signal:?} / status {:?}; stderr: {stderr}",
+            out.status.code()
+        )),
+    }
+}
+
 fn expect_exit_zero(what: &str, extra: &[String]) -> Result<(), String> {
     let out = probe(what, extra);
     if out.status.code() == Some(0) {
@@ -120,6 +138,8 @@ fn run_probe(what: &str) -> i32 {
         .collect();
     let source_bind = matches!(what, "listen" | "landlock-bind");
     let filter = balance::sandbox::worker_filter(source_bind).expect("compile policy");
+    // For "table-write": a table mapped as a worker maps it, both descriptors closed.
+    let table = (what == "table-write").then(worker_table);
     // Like a worker, build the runtime before the lockdown.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -167,8 +187,38 @@ fn run_probe(what: &str) -> i32 {
             report(probe_bind_ports())
         }
         "allowed" => report(probe_allowed(&runtime)),
+        "table-write" => {
+            let table = table.expect("table");
+            let counters = table.counters(0, 0).expect("counters");
+            counters
+                .sent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            eprintln!("counted");
+            // Must fault: the configuration is mapped read-only.
+            table
+                .header()
+                .shutdown
+                .store(1, std::sync::atomic::Ordering::Relaxed);
+            1
+        }
         _ => 2,
     }
+}
+
+fn worker_table() -> balance::table::Table {
+    use std::os::fd::AsRawFd;
+    let path = std::env::temp_dir().join(format!("balance-probe-table-{}", std::process::id()));
+    let read_write = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .expect("create table");
+    let _ = std::fs::remove_file(&path);
+    balance::table::Table::initialise(&read_write, &[]).expect("initialise");
+    let read_only = std::fs::File::open(format!("/proc/self/fd/{}", read_write.as_raw_fd()))
+        .expect("reopen read-only");
+    balance::table::Table::open_for_worker(&read_only, &read_write).expect("map")
 }
 
 fn report(ok: bool) -> i32 {

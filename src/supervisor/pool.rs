@@ -304,7 +304,12 @@ async fn watch(
         tokio::select! {
             status = child.wait() => break status,
             msg = ipc::recv(&channel) => match msg {
-                Ok((msg, _fds)) => {
+                Ok((_, fds)) if !fds.is_empty() => {
+                    sup.log(Priority::Error, format!("worker {slot} sent descriptors; stopping it"));
+                    let _ = child.start_kill();
+                    break child.wait().await;
+                }
+                Ok((msg, _)) => {
                     if !handle_message(&sup, slot, pid, msg, &mut ready) {
                         let _ = child.start_kill();
                         break child.wait().await;
