@@ -6,7 +6,6 @@ mod common;
 
 use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -170,19 +169,7 @@ fn workers_can_write_only_the_counters_of_the_table() {
 /// be made writable, whatever the process holds.
 #[test]
 fn the_read_only_part_of_a_worker_table_cannot_be_made_writable() {
-    let path = std::env::temp_dir().join(format!("balance-split-{}", std::process::id()));
-    let read_write = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .expect("create");
-    let _ = std::fs::remove_file(&path);
-    balance::table::Table::initialise(&read_write, &[]).expect("initialise");
-    let read_only = std::fs::File::open(format!("/proc/self/fd/{}", read_write.as_raw_fd()))
-        .expect("reopen read-only");
-    let table = balance::table::Table::open_for_worker(&read_only, &read_write).expect("open");
-    drop((read_only, read_write));
+    let table = worker_table();
     let base = table.layout() as *const balance::table::Layout as *mut libc::c_void;
     let split = balance::table::COUNTERS_OFFSET;
     // SAFETY: mprotect only changes the rights of pages of this mapping, which the table

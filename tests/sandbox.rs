@@ -139,7 +139,7 @@ fn run_probe(what: &str) -> i32 {
     let source_bind = matches!(what, "listen" | "landlock-bind");
     let filter = balance::sandbox::worker_filter(source_bind).expect("compile policy");
     // For "table-write": a table mapped as a worker maps it, both descriptors closed.
-    let table = (what == "table-write").then(worker_table);
+    let table = (what == "table-write").then(common::worker_table);
     // Like a worker, build the runtime before the lockdown.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -203,22 +203,6 @@ fn run_probe(what: &str) -> i32 {
         }
         _ => 2,
     }
-}
-
-fn worker_table() -> balance::table::Table {
-    use std::os::fd::AsRawFd;
-    let path = std::env::temp_dir().join(format!("balance-probe-table-{}", std::process::id()));
-    let read_write = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .expect("create table");
-    let _ = std::fs::remove_file(&path);
-    balance::table::Table::initialise(&read_write, &[]).expect("initialise");
-    let read_only = std::fs::File::open(format!("/proc/self/fd/{}", read_write.as_raw_fd()))
-        .expect("reopen read-only");
-    balance::table::Table::open_for_worker(&read_only, &read_write).expect("map")
 }
 
 fn report(ok: bool) -> i32 {

@@ -580,6 +580,29 @@ pub fn hold(addr: SocketAddr) -> (TcpStream, String) {
     (conn, line.trim_end().to_string())
 }
 
+/// A fresh table (in an unlinked file) mapped as a worker maps it: the configuration
+/// read-only, the counters writable, both descriptors closed.
+pub fn worker_table() -> balance::table::Table {
+    use std::os::fd::AsRawFd;
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "balance-worker-table-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let read_write = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .expect("create table");
+    let _ = std::fs::remove_file(&path);
+    balance::table::Table::initialise(&read_write, &[]).expect("initialise");
+    let read_only = std::fs::File::open(format!("/proc/self/fd/{}", read_write.as_raw_fd()))
+        .expect("reopen read-only");
+    balance::table::Table::open_for_worker(&read_only, &read_write).expect("map as a worker")
+}
+
 /// Reads the table file through the library, as the control shell would.
 pub fn table(path: &Path) -> (std::fs::File, balance::table::Table) {
     let file = std::fs::File::open(path).expect("open table");
