@@ -25,7 +25,8 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::signal::unix::{signal, SignalKind};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use tokio::signal::unix::{signal, Signal as SignalStream, SignalKind};
 
 use crate::cli::ProxyArgs;
 use crate::exitcode::{EX_OSERR, EX_SOFTWARE};
@@ -44,6 +45,10 @@ const KILL_POLL: Duration = Duration::from_millis(200);
 
 /// Runs balance in proxy mode; returns when it has shut down.
 pub fn run(args: ProxyArgs) -> Result<(), Fatal> {
+    // Held until the event loop's handlers are in place (see `supervise`): a stop or reload
+    // signal that comes during start-up then waits for them instead of killing the process
+    // half started (table and pid file left behind). The launcher unblocks them again.
+    stop_signals(SigmaskHow::SIG_BLOCK);
     let boot = bootstrap::prepare(&args)?;
     let launcher = if args.foreground {
         None
@@ -55,6 +60,15 @@ pub fn run(args: ProxyArgs) -> Result<(), Fatal> {
         bootstrap::report(pipe, Err(e));
     }
     result
+}
+
+/// Blocks or unblocks SIGTERM, SIGINT and SIGHUP for this thread.
+pub fn stop_signals(how: SigmaskHow) {
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    let _ = nix::sys::signal::sigprocmask(how, Some(&set), None);
 }
 
 /// Shared state of the supervisor's tasks.
@@ -197,6 +211,13 @@ fn supervise(
         .map_err(|e| Fatal::new(EX_OSERR, format!("cannot start the event loop: {e}")))?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        );
+        // The handlers are in place: what came meanwhile is delivered to them now.
+        stop_signals(SigmaskHow::SIG_UNBLOCK);
         let mut slots = Vec::new();
         let mut ready = Vec::new();
         for slot in 0..workers {
@@ -238,7 +259,10 @@ fn supervise(
                 sup.boot.listen_description
             ),
         );
-        let reason = wait_for_stop(&sup).await;
+        let reason = match signals {
+            (Ok(term), Ok(int), Ok(hup)) => wait_for_stop(&sup, term, int, hup).await,
+            _ => "cannot install signal handlers",
+        };
         sup.log(Priority::Notice, format!("shutting down ({reason})"));
         stop_workers(&sup, slots).await;
         sup.boot.remove_table();
@@ -262,14 +286,12 @@ fn supervise(
 
 /// Waits for SIGTERM, SIGINT, a `kill` through the table, or every slot having given up.
 /// SIGHUP (reload) replaces the workers one by one and reconnects the log.
-async fn wait_for_stop(sup: &Rc<Supervisor>) -> &'static str {
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        return "cannot install signal handlers";
-    };
+async fn wait_for_stop(
+    sup: &Rc<Supervisor>,
+    mut term: SignalStream,
+    mut int: SignalStream,
+    mut hup: SignalStream,
+) -> &'static str {
     let mut poll = tokio::time::interval(KILL_POLL);
     loop {
         tokio::select! {
@@ -342,15 +364,18 @@ fn channel_ports(table: &crate::table::Table) -> BTreeSet<u16> {
         .unwrap_or_default()
 }
 
-/// Ends every worker (draining ones too): SIGTERM, then SIGKILL after the stop timeout.
+/// Ends every worker (draining ones too) with SIGKILL, the only stop signal they take
+/// (they ignore SIGTERM, SIGINT and SIGHUP, which a process-group or cgroup-wide signal
+/// would otherwise deliver to them as well), and waits (bounded) until all are reaped.
+/// A worker being started meanwhile is ended by `pool::launch`, which sees `stopping`.
 async fn stop_workers(sup: &Supervisor, slots: Vec<tokio::task::JoinHandle<()>>) {
     sup.stopping.set(true);
     sup.wake.notify_waiters();
-    let term = nix::sys::signal::Signal::SIGTERM;
+    let kill = Signal::SIGKILL;
     sup.pool
         .live_pids()
         .into_iter()
-        .for_each(|p| pool::signal(p, term));
+        .for_each(|p| pool::signal(p, kill));
     let all_gone = async {
         while !sup.pool.live_pids().is_empty() {
             let changed = sup.pool.changed.notified();
@@ -361,7 +386,6 @@ async fn stop_workers(sup: &Supervisor, slots: Vec<tokio::task::JoinHandle<()>>)
         }
     };
     if tokio::time::timeout(STOP_TIMEOUT, all_gone).await.is_err() {
-        let kill = nix::sys::signal::Signal::SIGKILL;
         sup.pool
             .live_pids()
             .into_iter()

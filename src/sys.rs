@@ -240,7 +240,8 @@ pub fn try_flock(fd: BorrowedFd<'_>, exclusive: bool) -> io::Result<bool> {
 /// dies with the parent.
 pub fn worker_child_setup(cmd: &mut Command, channel: RawFd) {
     // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
-    // functions (dup2, close_range, prctl), touching no heap or locks.
+    // functions (dup2, close_range, prctl, signal, sigemptyset, sigprocmask), touching no heap
+    // or locks; the zeroed sigset_t is plain data, initialised by sigemptyset before use.
     unsafe {
         cmd.pre_exec(move || {
             if channel != 3 {
@@ -260,6 +261,16 @@ pub fn worker_child_setup(cmd: &mut Command, channel: RawFd) {
                 libc::CLOSE_RANGE_CLOEXEC,
             );
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // A worker takes no stop or reload signal (the supervisor ends it with SIGKILL,
+            // or by closing its channel): a signal to the whole process group or cgroup (a
+            // Ctrl-C, systemd's stop, `killall -HUP balance`) is the supervisor's to handle.
+            // The supervisor blocks them during start-up; a child inherits that mask.
+            for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+                libc::signal(sig, libc::SIG_IGN);
+            }
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             Ok(())
         });
     }

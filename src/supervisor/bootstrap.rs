@@ -400,6 +400,8 @@ pub fn detach() -> Result<OwnedFd, Fatal> {
         Err(e) => Err(Fatal::new(EX_OSERR, format!("cannot fork: {e}"))),
         Ok(nix::unistd::ForkResult::Parent { .. }) => {
             drop(write);
+            // The launcher only waits for the verdict: Ctrl-C may end it as usual.
+            super::stop_signals(nix::sys::signal::SigmaskHow::SIG_UNBLOCK);
             std::process::exit(wait_for_daemon(read))
         }
         Ok(nix::unistd::ForkResult::Child) => {

@@ -72,6 +72,13 @@ impl Pool {
         self.live.borrow().keys().copied().collect()
     }
 
+    /// SIGKILLs a worker unless it has been reaped (its pid may be another process's now).
+    fn kill_if_live(&self, pid: u32) {
+        if self.live.borrow().contains_key(&pid) {
+            signal(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
     /// Asks every live worker but `pid` to accept what is queued on the listeners (best
     /// effort: a worker whose channel is full is busy anyway).
     fn nudge_others(&self, pid: u32) {
@@ -125,6 +132,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                     format!("worker {slot} {}", describe_exit(status)),
                 );
             }
+            Err(_) if sup.stopping.get() => return,
             Err(e) => sup.log(Priority::Error, format!("cannot start worker {slot}: {e}")),
         }
         if started.elapsed() >= HEALTHY_UPTIME {
@@ -197,7 +205,11 @@ pub async fn replace_all(sup: Rc<Supervisor>) {
         let (tx, rx) = oneshot::channel();
         sup.pool.requests.borrow_mut()[slot] = Some(tx);
         sup.pool.replace[slot].notify_one();
-        match tokio::time::timeout(READY_TIMEOUT * 2, rx).await {
+        let replaced = tokio::time::timeout(READY_TIMEOUT * 2, rx).await;
+        if sup.stopping.get() {
+            return;
+        }
+        match replaced {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => sup.log(
                 Priority::Error,
@@ -237,7 +249,14 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, String> {
         Rc::clone(&channel),
         ready_tx,
     ));
-    match tokio::time::timeout(READY_TIMEOUT, ready_rx).await {
+    let ready = tokio::time::timeout(READY_TIMEOUT, ready_rx).await;
+    if sup.stopping.get() {
+        // Started while the pool was being stopped: it must not serve.
+        sup.pool.kill_if_live(pid);
+        let _ = done.await;
+        return Err("stopping".to_string());
+    }
+    match ready {
         Ok(Ok(())) => {
             sup.log(
                 Priority::Info,
@@ -246,7 +265,7 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, String> {
             Ok(Worker { channel, done })
         }
         _ => {
-            signal(pid, nix::sys::signal::Signal::SIGKILL);
+            sup.pool.kill_if_live(pid);
             let _ = done.await;
             Err("the worker did not become ready".to_string())
         }
