@@ -188,6 +188,50 @@ fn workers_ignore_stop_and_reload_signals_meant_for_the_supervisor() {
     assert!(!b.stderr().contains("killed by signal"), "{}", b.stderr());
 }
 
+/// Reloads asked for in quick succession do not trip over each other: the one under way
+/// goes round once more, and no slot is reported as failed.
+#[test]
+fn quick_reloads_are_done_one_after_the_other() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start_with(Start {
+        operands: &[backend.operand()],
+        workers: 4,
+        ..Start::default()
+    });
+    for _ in 0..10 {
+        signal(b.pid, Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Wait for the log to settle: no new line for a second.
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = b.stderr();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let rounds = last.matches("all workers replaced").count();
+    assert!(
+        (1..10).contains(&rounds),
+        "{rounds} rounds for 10 reloads: {last}"
+    );
+    assert!(
+        last.trim_end().ends_with("all workers replaced"),
+        "the last reload did not finish: {last}"
+    );
+    assert!(
+        !last.contains("not replaced") && !last.contains("cannot replace"),
+        "{last}"
+    );
+    assert_eq!(greeting(b.addr()), "B1");
+}
+
 /// A stop right after a reload began ends balance at once, the replacement being started
 /// included (it used to survive the stop, serving, until the 5 s kill).
 #[test]

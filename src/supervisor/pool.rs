@@ -50,6 +50,10 @@ pub struct Pool {
     replace: Vec<Notify>,
     /// Slots given up after exhausting the crash budget.
     pub dead_slots: Cell<usize>,
+    /// A reload (replacement of every worker) is under way.
+    reloading: Cell<bool>,
+    /// Another was asked for meanwhile: the one under way goes round once more.
+    reload_again: Cell<bool>,
     /// Signalled when a worker exits or a slot is given up.
     pub changed: Notify,
 }
@@ -63,6 +67,8 @@ impl Pool {
             requests: RefCell::new((0..size).map(|_| None).collect()),
             replace: (0..size).map(|_| Notify::new()).collect(),
             dead_slots: Cell::new(0),
+            reloading: Cell::new(false),
+            reload_again: Cell::new(false),
             changed: Notify::new(),
         }
     }
@@ -197,20 +203,52 @@ async fn serve_slot(
 
 /// Replaces every worker, one slot after the other, each new one ready before the next old
 /// one drains: used for reload (SIGHUP) and when the sandbox must admit new channel ports.
+///
+/// Reloads do not overlap: one asked for while another is under way (a second SIGHUP, a
+/// new channel port) makes that one go round once more when it is done, so that every
+/// worker ends up started after the last request.
 pub async fn replace_all(sup: Rc<Supervisor>) {
+    if sup.pool.reloading.replace(true) {
+        sup.pool.reload_again.set(true);
+        return;
+    }
+    loop {
+        sup.pool.reload_again.set(false);
+        let Some(replaced) = replace_each(&sup).await else {
+            break;
+        };
+        let size = sup.pool.size;
+        if replaced == size {
+            sup.log(Priority::Notice, "all workers replaced".to_string());
+        } else {
+            sup.log(
+                Priority::Warning,
+                format!("{replaced} of {size} workers replaced"),
+            );
+        }
+        if !sup.pool.reload_again.get() {
+            break;
+        }
+    }
+    sup.pool.reloading.set(false);
+}
+
+/// One round of [`replace_all`]: how many workers were replaced, None when stopping.
+async fn replace_each(sup: &Rc<Supervisor>) -> Option<usize> {
+    let mut replaced = 0;
     for slot in 0..sup.pool.size {
         if sup.stopping.get() {
-            return;
+            return None;
         }
         let (tx, rx) = oneshot::channel();
         sup.pool.requests.borrow_mut()[slot] = Some(tx);
         sup.pool.replace[slot].notify_one();
-        let replaced = tokio::time::timeout(READY_TIMEOUT * 2, rx).await;
+        let outcome = tokio::time::timeout(READY_TIMEOUT * 2, rx).await;
         if sup.stopping.get() {
-            return;
+            return None;
         }
-        match replaced {
-            Ok(Ok(Ok(()))) => {}
+        match outcome {
+            Ok(Ok(Ok(()))) => replaced += 1,
             Ok(Ok(Err(e))) => sup.log(
                 Priority::Error,
                 format!("cannot replace worker {slot}: {e}"),
@@ -221,7 +259,7 @@ pub async fn replace_all(sup: Rc<Supervisor>) {
             ),
         }
     }
-    sup.log(Priority::Notice, "all workers replaced".to_string());
+    Some(replaced)
 }
 
 /// Starts a worker for `slot` and waits until it reports ready.
