@@ -371,11 +371,13 @@ fn channel_ports(table: &crate::table::Table) -> BTreeSet<u16> {
 async fn stop_workers(sup: &Supervisor, slots: Vec<tokio::task::JoinHandle<()>>) {
     sup.stopping.set(true);
     sup.wake.notify_waiters();
-    let kill = Signal::SIGKILL;
-    sup.pool
-        .live_pids()
-        .into_iter()
-        .for_each(|p| pool::signal(p, kill));
+    let kill_all = || {
+        sup.pool
+            .live_pids()
+            .into_iter()
+            .for_each(|p| pool::signal(p, Signal::SIGKILL));
+    };
+    kill_all();
     let all_gone = async {
         while !sup.pool.live_pids().is_empty() {
             let changed = sup.pool.changed.notified();
@@ -386,10 +388,8 @@ async fn stop_workers(sup: &Supervisor, slots: Vec<tokio::task::JoinHandle<()>>)
         }
     };
     if tokio::time::timeout(STOP_TIMEOUT, all_gone).await.is_err() {
-        sup.pool
-            .live_pids()
-            .into_iter()
-            .for_each(|p| pool::signal(p, kill));
+        // Any still here: one that was being started and has not reported ready yet.
+        kill_all();
     }
     for slot in slots {
         let _ = slot.await;

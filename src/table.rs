@@ -329,10 +329,7 @@ impl Table {
 
     /// Maps an existing table and checks its header.
     pub fn open(file: &File, writable: bool) -> Result<Table, TableError> {
-        let size = file.metadata()?.len();
-        if size != TABLE_SIZE as u64 {
-            return Err(TableError::WrongSize { size });
-        }
+        check_size(file)?;
         let table = Table {
             map: Mapping::map(file.as_fd(), TABLE_SIZE, writable)?,
             writable,
@@ -366,10 +363,7 @@ impl Table {
     /// writable (through `read_write`). The caller closes both descriptors after this, so
     /// that nothing can map the configuration writable again.
     pub fn open_for_worker(read_only: &File, read_write: &File) -> Result<Table, TableError> {
-        let size = read_only.metadata()?.len();
-        if size != TABLE_SIZE as u64 {
-            return Err(TableError::WrongSize { size });
-        }
+        check_size(read_only)?;
         let map = Mapping::map_split(
             read_only.as_fd(),
             read_write.as_fd(),
@@ -527,6 +521,15 @@ impl Table {
     fn worker_slot(&self, worker: usize, g: usize, c: usize) -> Option<&AtomicU32> {
         self.layout().worker_current.get(worker)?.get(g)?.get(c)
     }
+}
+
+/// A table file has exactly the layout's size: mapping more would fault at the tail.
+fn check_size(file: &File) -> Result<(), TableError> {
+    let size = file.metadata()?.len();
+    if size != TABLE_SIZE as u64 {
+        return Err(TableError::WrongSize { size });
+    }
+    Ok(())
 }
 
 fn saturating_sub(a: &AtomicU32, n: u32) {

@@ -174,9 +174,8 @@ fn watch_listener(shared: &Epoll, listener: &impl AsFd, i: usize) -> nix::Result
     shared.add(listener, EpollEvent::new(flags, (1 + i) as u64))
 }
 
-/// Waits for the `Start` message and checks its descriptors.
-/// The start message: the configuration, the listeners, and the table file opened
-/// read-write and read-only.
+/// Waits for the `Start` message and checks its descriptors: the listeners, then the table
+/// file opened read-write and read-only.
 fn receive_start(
     channel: &UnixDatagram,
 ) -> Result<(WorkerConfig, Vec<std::net::TcpListener>, [OwnedFd; 2]), WorkerError> {

@@ -57,6 +57,11 @@ impl Receiver {
         self.lines.lock().expect("lines").clone()
     }
 
+    /// How many lines so far contain `text`.
+    fn count(&self, text: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(text)).count()
+    }
+
     /// Waits for a line with priority `<pri>` containing every one of `parts`.
     fn expect(&self, pri: u8, parts: &[&str]) -> String {
         let prefix = format!("<{pri}>");
@@ -101,6 +106,18 @@ fn syslog_flags(path: &Path) -> Vec<String> {
         "--syslog-socket".to_string(),
         path.to_string_lossy().to_string(),
     ]
+}
+
+/// balance with one worker in front of `operands`, logging to `rx`.
+fn one_worker_logging_to(rx: &Receiver, operands: &[String]) -> Balance {
+    let flags = syslog_flags(&rx.path);
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Balance::start_with(Start {
+        flags: &flag_refs,
+        operands,
+        workers: 1,
+        ..Start::default()
+    })
 }
 
 #[test]
@@ -394,16 +411,8 @@ fn a_refusing_channel_is_logged_once_a_second_not_once_a_connection() {
     let dir = temp_dir("syslog-throttle");
     let rx = Receiver::bind(&dir.join("log"));
     let b1 = Backend::start("B1", Behaviour::TagEcho);
-    let flags = syslog_flags(&rx.path);
-    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
     // Round robin over [dead, B1]: every connection tries the dead channel first.
-    let operands = [refused_operand(), b1.operand()];
-    let b = Balance::start_with(Start {
-        flags: &flag_refs,
-        operands: &operands,
-        workers: 1,
-        ..Start::default()
-    });
+    let b = one_worker_logging_to(&rx, &[refused_operand(), b1.operand()]);
     let failed = "connection failed group 0 channel 0";
     let started = Instant::now();
     for _ in 0..20 {
@@ -412,7 +421,7 @@ fn a_refusing_channel_is_logged_once_a_second_not_once_a_connection() {
     let elapsed = started.elapsed();
     rx.expect(DAEMON_NOTICE, &[failed]);
     std::thread::sleep(Duration::from_millis(300));
-    let count = rx.lines().iter().filter(|l| l.contains(failed)).count();
+    let count = rx.count(failed);
     assert!(
         count <= 2 + elapsed.as_secs() as usize,
         "{count} failure lines for 20 connections in {elapsed:?}"
@@ -435,15 +444,7 @@ fn no_usable_channel_is_logged_once_a_second_not_once_a_connection() {
     }
     let dir = temp_dir("syslog-nochannel");
     let rx = Receiver::bind(&dir.join("log"));
-    let flags = syslog_flags(&rx.path);
-    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let operands = [refused_operand()];
-    let b = Balance::start_with(Start {
-        flags: &flag_refs,
-        operands: &operands,
-        workers: 1,
-        ..Start::default()
-    });
+    let b = one_worker_logging_to(&rx, &[refused_operand()]);
     let turned_away = "no channel could take the connection from 127.0.0.1:";
     let started = Instant::now();
     for _ in 0..50 {
@@ -452,11 +453,7 @@ fn no_usable_channel_is_logged_once_a_second_not_once_a_connection() {
     let elapsed = started.elapsed();
     rx.expect(DAEMON_WARNING, &[turned_away]);
     std::thread::sleep(Duration::from_millis(300));
-    let count = rx
-        .lines()
-        .iter()
-        .filter(|l| l.contains(turned_away))
-        .count();
+    let count = rx.count(turned_away);
     assert!(
         count <= 2 + elapsed.as_secs() as usize,
         "{count} lines for 50 connections in {elapsed:?}"

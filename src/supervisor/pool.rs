@@ -361,13 +361,14 @@ async fn watch(
         tokio::select! {
             status = child.wait() => break status,
             msg = ipc::recv(&channel) => match msg {
-                Ok((_, fds)) if !fds.is_empty() => {
-                    sup.log(Priority::Error, format!("worker {slot} sent descriptors; stopping it"));
-                    let _ = child.start_kill();
-                    break child.wait().await;
-                }
-                Ok((msg, _)) => {
-                    if !handle_message(&sup, slot, pid, msg, &mut ready) {
+                Ok((msg, fds)) => {
+                    let fine = if fds.is_empty() {
+                        handle_message(&sup, slot, pid, msg, &mut ready)
+                    } else {
+                        sup.log(Priority::Error, format!("worker {slot} sent descriptors; stopping it"));
+                        false
+                    };
+                    if !fine {
                         let _ = child.start_kill();
                         break child.wait().await;
                     }
