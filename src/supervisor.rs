@@ -83,6 +83,8 @@ struct Supervisor {
     pool: pool::Pool,
     /// Channel ports new workers may connect to (landlock); grows when channels appear.
     ports: RefCell<BTreeSet<u16>>,
+    /// Counts the times `ports` grew.
+    ports_version: Cell<u64>,
     /// Table generation last looked at, and the configuration seen then.
     seen_generation: Cell<u32>,
     last_seen: RefCell<crate::table::Snapshot>,
@@ -200,6 +202,7 @@ fn supervise(
         stopping: Cell::new(false),
         pool: pool::Pool::new(workers),
         ports: RefCell::new(ports),
+        ports_version: Cell::new(0),
         seen_generation: Cell::new(generation),
         last_seen: RefCell::new(last_seen),
         landlock_warned: Cell::new(false),
@@ -300,13 +303,14 @@ async fn wait_for_stop(
             _ = hup.recv() => {
                 sup.log(Priority::Notice, "reload (SIGHUP): replacing workers".to_string());
                 sup.logger.borrow_mut().reconnect();
-                tokio::task::spawn_local(pool::replace_all(Rc::clone(sup)));
+                tokio::task::spawn_local(pool::replace_all(Rc::clone(sup), pool::Scope::All));
             }
             _ = poll.tick() => {
                 if sup.boot.table.header().shutdown.load(Ordering::Acquire) != 0 {
                     return "kill command";
                 }
                 observe_table(sup);
+                pool::retry_stale(sup);
             }
             () = sup.pool.changed.notified() => {
                 if sup.pool.dead_slots.get() >= sup.pool.size {
@@ -344,11 +348,12 @@ fn observe_table(sup: &Rc<Supervisor>) {
         return;
     }
     sup.ports.borrow_mut().extend(new.iter().copied());
+    sup.ports_version.set(sup.ports_version.get() + 1);
     sup.log(
         Priority::Notice,
         format!("new channel port(s) {new:?}: replacing workers so their sandbox admits them"),
     );
-    tokio::task::spawn_local(pool::replace_all(Rc::clone(sup)));
+    tokio::task::spawn_local(pool::replace_all(Rc::clone(sup), pool::Scope::Stale));
 }
 
 /// Every port of every channel in the table.

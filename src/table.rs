@@ -10,6 +10,9 @@
 //!   the robust writer lock (`futex`) and published through a seqlock (`header.seq`, odd while
 //!   a write is in progress). Readers never lock: they retry a bounded number of times and
 //!   otherwise keep their last good snapshot.
+//! - **Admitted ports** (a bitmap after the channels, in the configuration part) are written
+//!   by the supervisor alone, without the lock: which channel ports every serving worker's
+//!   sandbox admits. Nothing but the control shell's wait after `create`/`assign` reads them.
 //! - **Counters** (and the round-robin cursors) are relaxed atomics updated without any
 //!   lock. The current-connection count of a channel is kept twice: a global count that
 //!   `maxc` admission compares-and-swaps, and a per-worker row, so the supervisor can
@@ -43,7 +46,7 @@ pub const MAX_POOL: usize = MAX_WORKERS / 2;
 /// "BALTABLE" in little-endian byte order.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"BALTABLE");
 /// Bump whenever anything in this file's `#[repr(C)]` structs changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// How long a writer waits for the lock before giving up with a clear error.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -114,8 +117,10 @@ pub struct ChannelCounters {
     pub received: AtomicU64,
 }
 
+/// Words of the admitted-ports bitmap: one bit per TCP port.
+const PORT_WORDS: usize = (1 << 16) / 64;
 /// Where the configuration ends.
-const CONFIG_END: usize = 64 + 16 * MAX_GROUPS + 64 * MAX_CHANNELS * MAX_GROUPS;
+const CONFIG_END: usize = 64 + 16 * MAX_GROUPS + 64 * MAX_CHANNELS * MAX_GROUPS + 8 * PORT_WORDS;
 /// Where the counters start: the configuration's end rounded up to 64 KiB, a multiple of
 /// every page size Linux uses, so that the two parts can be mapped with different rights.
 pub const COUNTERS_OFFSET: usize = CONFIG_END.div_ceil(1 << 16) << 16;
@@ -127,6 +132,10 @@ pub struct Layout {
     pub header: Header,
     pub groups: [Group; MAX_GROUPS],
     pub channels: [[Channel; MAX_CHANNELS]; MAX_GROUPS],
+    /// Written by the supervisor only: bit `p` is set once every serving worker's sandbox
+    /// admits connections to port `p`. A control shell that adds a channel on a new port
+    /// waits for its bit, so the channel is usable when the command returns.
+    pub admitted_ports: [AtomicU64; PORT_WORDS],
     pub padding: [AtomicU8; COUNTERS_OFFSET - CONFIG_END],
     // The counters: written by the workers, without a lock.
     /// Per group, the index where the next round-robin search starts.
@@ -146,6 +155,7 @@ const _: () = {
     assert!(offset_of!(ChannelCounters, total) == 8);
     assert!(offset_of!(Layout, groups) == 64);
     assert!(offset_of!(Layout, channels) == 64 + 16 * MAX_GROUPS);
+    assert!(offset_of!(Layout, admitted_ports) == 64 + 16 * MAX_GROUPS + 64 * 64 * 32);
     assert!(offset_of!(Layout, padding) == CONFIG_END);
     assert!(offset_of!(Layout, cursors) == COUNTERS_OFFSET);
     assert!(offset_of!(Layout, counters) == COUNTERS_OFFSET + 4 * MAX_GROUPS);
@@ -395,6 +405,22 @@ impl Table {
     /// Channel `c` of group `g`, if both indices are in range.
     pub fn channel(&self, g: usize, c: usize) -> Option<&Channel> {
         self.layout().channels.get(g)?.get(c)
+    }
+
+    /// Marks `ports` as admitted by every serving worker (see [`Layout::admitted_ports`]).
+    /// Only the supervisor calls this, on its read-write mapping.
+    pub fn admit_ports(&self, ports: impl IntoIterator<Item = u16>) {
+        let words = &self.layout().admitted_ports;
+        for port in ports {
+            let bit = 1u64 << (port % 64);
+            words[usize::from(port / 64)].fetch_or(bit, Ordering::Release);
+        }
+    }
+
+    /// Whether every serving worker admits connections to `port`.
+    pub fn admits(&self, port: u16) -> bool {
+        let bit = 1u64 << (port % 64);
+        self.layout().admitted_ports[usize::from(port / 64)].load(Ordering::Acquire) & bit != 0
     }
 
     /// The counters of channel `c` of group `g`, if both indices are in range.

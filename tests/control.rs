@@ -254,6 +254,40 @@ fn create_enable_assign_reset() {
     assert_eq!((total, sent, rcvd), (0, 0, 0));
 }
 
+/// `create` and `assign` to a port the daemon's workers do not admit yet return only once
+/// they do: the channel works as soon as it is enabled (it used to refuse clients for the
+/// 200 ms or so the daemon took to notice the port and replace its workers).
+#[test]
+fn a_channel_on_a_new_port_works_as_soon_as_the_command_returns() {
+    if !require_root() {
+        return;
+    }
+    let bs = backends(3);
+    let b = Balance::start(&["-d"], &[bs[0].operand()]);
+    let o = b.control(&format!("create {}", bs[1].operand()));
+    assert_eq!(
+        (o.status.code(), stdout(&o), stderr(&o)),
+        (Some(0), "channel created\n".into(), String::new())
+    );
+    control_ok(&b, "enable 1");
+    control_ok(&b, "disable 0");
+    assert_eq!(greeting(b.addr()), "B2", "{}", b.stderr());
+
+    let o = b.control(&format!("assign 0 127.0.0.1 {}", bs[2].port()));
+    assert_eq!(
+        (o.status.code(), stdout(&o), stderr(&o)),
+        (Some(0), "channel reassigned\n".into(), String::new())
+    );
+    control_ok(&b, "enable 0");
+    control_ok(&b, "disable 1");
+    assert_eq!(greeting(b.addr()), "B3", "{}", b.stderr());
+    assert!(
+        !b.stderr().contains("not admitted"),
+        "no worker met a port its sandbox refuses: {}",
+        b.stderr()
+    );
+}
+
 #[test]
 fn interactive_session_through_a_pipe() {
     if !require_root() {

@@ -408,7 +408,9 @@ impl Session<'_> {
             .ok_or_else(|| rejected("no channel slots available"))?;
         let mut event = self.event(cmd, None, "-", addr.to_string());
         event.channel = Some(c);
-        Ok(Reply::changed("channel created\n", event))
+        let mut reply = Reply::changed("channel created\n", event);
+        reply.port = Some(addr.port());
+        Ok(reply)
     }
 
     /// Checks in the original's order: the channel exists, the address resolves, the channel
@@ -436,7 +438,7 @@ impl Session<'_> {
             }
         })?;
         let old = old.map_err(rejected)?;
-        Ok(Reply::changed(
+        let mut reply = Reply::changed(
             "channel reassigned\n",
             self.event(
                 cmd,
@@ -444,7 +446,9 @@ impl Session<'_> {
                 old.map_or_else(|| "-".to_string(), |a| a.to_string()),
                 addr.to_string(),
             ),
-        ))
+        );
+        reply.port = Some(addr.port());
+        Ok(reply)
     }
 
     /// Checks `mrtg-*` arguments against the named group (the original checked the channel
@@ -479,6 +483,7 @@ impl Session<'_> {
             text: "shutdown complete, exiting.\n".to_string(),
             audit: Some(self.event(cmd, None, "running", "shut down")),
             quit: true,
+            port: None,
         })
     }
 }

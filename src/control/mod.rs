@@ -35,6 +35,7 @@ use std::fs::File;
 use std::io::{self, BufRead, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use crate::cli::{self, Services, ShellArgs};
 use crate::exitcode::{EX_DATAERR, EX_OSERR, EX_SOFTWARE, EX_UNAVAILABLE};
@@ -93,6 +94,8 @@ pub struct Reply {
     pub audit: Option<AuditEvent>,
     /// The session ends after this reply (`quit`, `kill`).
     pub quit: bool,
+    /// A channel now points at this port: the reply waits until the workers admit it.
+    pub port: Option<u16>,
 }
 
 impl Reply {
@@ -101,6 +104,7 @@ impl Reply {
             text: text.into(),
             audit: None,
             quit: false,
+            port: None,
         }
     }
 
@@ -109,6 +113,7 @@ impl Reply {
             text: text.into(),
             audit: Some(audit),
             quit: false,
+            port: None,
         }
     }
 
@@ -117,6 +122,7 @@ impl Reply {
             text,
             audit: None,
             quit: true,
+            port: None,
         }
     }
 }
@@ -272,6 +278,11 @@ fn report_access(e: &AccessError, path: &Path, control_group: &str) -> u8 {
     }
 }
 
+/// How long `create`/`assign` wait for the workers to admit a new channel port: the daemon
+/// notices the change within 200 ms and replaces its workers one after the other.
+const ADMIT_WAIT: Duration = Duration::from_secs(5);
+const ADMIT_POLL: Duration = Duration::from_millis(10);
+
 /// A control session on one mapped table.
 struct Session<'a> {
     table: &'a Table,
@@ -380,7 +391,36 @@ impl Session<'_> {
                 writeln!(err, "audit: {event}")?;
             }
         }
-        out.write_all(reply.text.as_bytes())
+        let refused = reply.port.filter(|&port| !self.await_admitted(port));
+        out.write_all(reply.text.as_bytes())?;
+        match refused {
+            Some(port) => writeln!(
+                err,
+                "balance: warning: the workers do not admit port {port} yet; connections to \
+                 this channel fail until they do (see the daemon's log)"
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits (bounded) until every serving worker's sandbox admits `port`: a channel on a
+    /// port new to the daemon makes it replace its workers, and the channel should work
+    /// once the command that made it returns. False when the time ran out.
+    fn await_admitted(&self, port: u16) -> bool {
+        let deadline = std::time::Instant::now() + ADMIT_WAIT;
+        loop {
+            if self.table.admits(port) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            if !access::master_alive(self.file).unwrap_or(false) {
+                // Nothing serves the table: nothing to wait for.
+                return true;
+            }
+            std::thread::sleep(ADMIT_POLL);
+        }
     }
 
     /// Reports a failed command; a refused change also goes to the audit trail.

@@ -9,8 +9,14 @@
 //! its connections, exit), so a reload drops no connection.
 //!
 //! A worker's table row is separate from its slot: a draining worker keeps its row until it
-//! exits, while its replacement counts in a fresh one. Every request a worker sends is checked
-//! before the supervisor acts on it; a worker that misbehaves is killed.
+//! exits, while its replacement counts in a fresh one. When draining workers hold every row,
+//! a slot waits for one to be freed; that is not a crash. Every request a worker sends is
+//! checked before the supervisor acts on it; a worker that misbehaves is killed.
+//!
+//! Each slot knows which version of the channel port set its worker's sandbox admits. A
+//! worker that predates a new port is replaced; one that could not be (no free row, say) is
+//! retried when a worker exits, and the table's admitted-ports bitmap is updated once every
+//! serving worker admits every port.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -36,6 +42,37 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a new worker may take to report ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A worker that still refuses a channel port is replaced again after this long even when
+/// no worker exited meanwhile (which is what usually frees the way).
+const STALE_RETRY: Duration = Duration::from_secs(30);
+
+/// Which workers a round of replacements covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// Those whose sandbox predates a channel port added since.
+    Stale,
+    /// Every one (reload).
+    All,
+}
+
+/// Why no worker could be started.
+enum LaunchError {
+    /// Draining workers hold every table row; one frees its row when it exits.
+    NoRow,
+    /// The pool is being stopped.
+    Stopping,
+    Failed(String),
+}
+
+impl std::fmt::Display for LaunchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LaunchError::NoRow => f.write_str("every table row is taken by draining workers"),
+            LaunchError::Stopping => f.write_str("stopping"),
+            LaunchError::Failed(e) => f.write_str(e),
+        }
+    }
+}
 
 type Reply = oneshot::Sender<Result<(), String>>;
 
@@ -50,10 +87,18 @@ pub struct Pool {
     replace: Vec<Notify>,
     /// Slots given up after exhausting the crash budget.
     pub dead_slots: Cell<usize>,
-    /// A reload (replacement of every worker) is under way.
+    /// A round of replacements is under way.
     reloading: Cell<bool>,
-    /// Another was asked for meanwhile: the one under way goes round once more.
-    reload_again: Cell<bool>,
+    /// Another was asked for meanwhile: the one under way goes round once more, over the
+    /// wider of the two scopes.
+    reload_again: Cell<Option<Scope>>,
+    /// Per slot, the version of the channel port set (`Supervisor::ports_version`) its
+    /// serving worker was started with; None while it has none.
+    versions: RefCell<Vec<Option<u64>>>,
+    /// Workers reaped so far.
+    exits: Cell<u64>,
+    /// `exits` and the time when the last round for stale workers began.
+    stale_round: Cell<Option<(u64, Instant)>>,
     /// Signalled when a worker exits or a slot is given up.
     pub changed: Notify,
 }
@@ -68,7 +113,10 @@ impl Pool {
             replace: (0..size).map(|_| Notify::new()).collect(),
             dead_slots: Cell::new(0),
             reloading: Cell::new(false),
-            reload_again: Cell::new(false),
+            reload_again: Cell::new(None),
+            versions: RefCell::new(vec![None; size]),
+            exits: Cell::new(0),
+            stale_round: Cell::new(None),
             changed: Notify::new(),
         }
     }
@@ -102,6 +150,11 @@ impl Pool {
         Some(row)
     }
 
+    /// Whether the slot's worker was started before the latest channel port appeared.
+    fn is_stale(&self, slot: usize, current: u64) -> bool {
+        self.versions.borrow()[slot].is_some_and(|v| v < current)
+    }
+
     fn free_row(&self, row: usize) {
         if let Some(used) = self.rows.borrow_mut().get_mut(row) {
             *used = false;
@@ -122,23 +175,47 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
     let mut first_ready = Some(first_ready);
     let mut backoff = FIRST_BACKOFF;
     let mut early_deaths = 0;
+    let mut waiting_for_row = false;
     while !sup.stopping.get() {
         let started = Instant::now();
         match launch(&sup, slot).await {
             Ok(worker) => {
+                waiting_for_row = false;
                 if let Some(tx) = first_ready.take() {
                     let _ = tx.send(Ok(()));
                 }
                 let status = serve_slot(&sup, slot, worker).await;
+                sup.pool.versions.borrow_mut()[slot] = None;
                 if sup.stopping.get() {
                     return;
                 }
+                publish_admitted(&sup);
                 sup.log(
                     Priority::Error,
                     format!("worker {slot} {}", describe_exit(status)),
                 );
             }
             Err(_) if sup.stopping.get() => return,
+            Err(LaunchError::NoRow) => {
+                // Not the worker's fault, and no backoff helps: a draining worker frees its
+                // row when its last connection ends.
+                if !waiting_for_row {
+                    waiting_for_row = true;
+                    sup.log(
+                        Priority::Warning,
+                        format!(
+                            "worker {slot} waits for a table row: draining workers hold all {MAX_WORKERS}"
+                        ),
+                    );
+                }
+                tokio::select! {
+                    () = sup.pool.changed.notified() => {}
+                    () = sup.wake.notified() => {}
+                    // `changed` wakes only those already waiting: look again now and then.
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
             Err(e) => sup.log(Priority::Error, format!("cannot start worker {slot}: {e}")),
         }
         if started.elapsed() >= HEALTHY_UPTIME {
@@ -191,7 +268,7 @@ async fn serve_slot(
                         let _ = ipc::send(&old.channel, &Message::Drain, &[]).await;
                         Ok(())
                     }
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.to_string()),
                 };
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
@@ -201,45 +278,100 @@ async fn serve_slot(
     }
 }
 
-/// Replaces every worker, one slot after the other, each new one ready before the next old
-/// one drains: used for reload (SIGHUP) and when the sandbox must admit new channel ports.
+/// Replaces the workers in `scope`, one slot after the other, each new one ready before the
+/// next old one drains: every worker for a reload (SIGHUP), the stale ones when the sandbox
+/// must admit new channel ports.
 ///
-/// Reloads do not overlap: one asked for while another is under way (a second SIGHUP, a
+/// Rounds do not overlap: one asked for while another is under way (a second SIGHUP, a
 /// new channel port) makes that one go round once more when it is done, so that every
 /// worker ends up started after the last request.
-pub async fn replace_all(sup: Rc<Supervisor>) {
+pub async fn replace_all(sup: Rc<Supervisor>, scope: Scope) {
     if sup.pool.reloading.replace(true) {
-        sup.pool.reload_again.set(true);
+        let again = sup.pool.reload_again.get().max(Some(scope));
+        sup.pool.reload_again.set(again);
         return;
     }
+    let mut scope = scope;
     loop {
-        sup.pool.reload_again.set(false);
-        let Some(replaced) = replace_each(&sup).await else {
+        sup.pool.reload_again.set(None);
+        let Some((replaced, asked)) = replace_each(&sup, scope).await else {
             break;
         };
-        let size = sup.pool.size;
-        if replaced == size {
-            sup.log(Priority::Notice, "all workers replaced".to_string());
-        } else {
-            sup.log(
+        match scope {
+            Scope::All if replaced == asked => {
+                sup.log(Priority::Notice, "all workers replaced".to_string());
+            }
+            Scope::All => sup.log(
                 Priority::Warning,
-                format!("{replaced} of {size} workers replaced"),
-            );
+                format!("{replaced} of {asked} workers replaced"),
+            ),
+            Scope::Stale if replaced == asked => {}
+            Scope::Stale => sup.log(
+                Priority::Warning,
+                format!(
+                    "{} of {asked} workers still refuse a new channel port; \
+                     they are replaced again once a worker exits",
+                    asked - replaced
+                ),
+            ),
         }
-        if !sup.pool.reload_again.get() {
-            break;
+        match sup.pool.reload_again.get() {
+            Some(next) => scope = next,
+            None => break,
         }
     }
     sup.pool.reloading.set(false);
 }
 
-/// One round of [`replace_all`]: how many workers were replaced, None when stopping.
-async fn replace_each(sup: &Rc<Supervisor>) -> Option<usize> {
+/// Replaces the workers that still refuse a channel port, when the last attempt was before
+/// a worker exited (freeing a row) or long ago. Called on the supervisor's table poll.
+pub fn retry_stale(sup: &Rc<Supervisor>) {
+    if sup.pool.reloading.get() {
+        return;
+    }
+    let current = sup.ports_version.get();
+    if !(0..sup.pool.size).any(|slot| sup.pool.is_stale(slot, current)) {
+        return;
+    }
+    let due =
+        sup.pool.stale_round.get().is_none_or(|(exits, when)| {
+            exits != sup.pool.exits.get() || when.elapsed() >= STALE_RETRY
+        });
+    if due {
+        tokio::task::spawn_local(replace_all(Rc::clone(sup), Scope::Stale));
+    }
+}
+
+/// Marks the channel ports in the table as admitted once every serving worker's sandbox
+/// admits all of them (so a control shell waiting for a new port can return).
+fn publish_admitted(sup: &Supervisor) {
+    let current = sup.ports_version.get();
+    let versions = sup.pool.versions.borrow();
+    if versions.iter().flatten().all(|&v| v == current) {
+        sup.boot
+            .table
+            .admit_ports(sup.ports.borrow().iter().copied());
+    }
+}
+
+/// One round of [`replace_all`]: how many workers were replaced and how many were asked to
+/// be, None when stopping.
+async fn replace_each(sup: &Rc<Supervisor>, scope: Scope) -> Option<(usize, usize)> {
+    if scope == Scope::Stale {
+        sup.pool
+            .stale_round
+            .set(Some((sup.pool.exits.get(), Instant::now())));
+    }
     let mut replaced = 0;
+    let mut asked = 0;
     for slot in 0..sup.pool.size {
         if sup.stopping.get() {
             return None;
         }
+        if scope == Scope::Stale && !sup.pool.is_stale(slot, sup.ports_version.get()) {
+            continue;
+        }
+        asked += 1;
         let (tx, rx) = oneshot::channel();
         sup.pool.requests.borrow_mut()[slot] = Some(tx);
         sup.pool.replace[slot].notify_one();
@@ -259,20 +391,19 @@ async fn replace_each(sup: &Rc<Supervisor>) -> Option<usize> {
             ),
         }
     }
-    Some(replaced)
+    Some((replaced, asked))
 }
 
-/// Starts a worker for `slot` and waits until it reports ready.
-async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, String> {
-    let row = sup
-        .pool
-        .take_row()
-        .ok_or_else(|| "every table row is taken by draining workers".to_string())?;
+/// Starts a worker for `slot` and waits until it reports ready; it is then the slot's
+/// serving worker.
+async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, LaunchError> {
+    let row = sup.pool.take_row().ok_or(LaunchError::NoRow)?;
+    let version = sup.ports_version.get();
     let (child, channel) = match spawn(sup, row).await {
         Ok(started) => started,
         Err(e) => {
             sup.pool.free_row(row);
-            return Err(e.to_string());
+            return Err(LaunchError::Failed(e.to_string()));
         }
     };
     let pid = child.id().unwrap_or(0);
@@ -292,7 +423,7 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, String> {
         // Started while the pool was being stopped: it must not serve.
         sup.pool.kill_if_live(pid);
         let _ = done.await;
-        return Err("stopping".to_string());
+        return Err(LaunchError::Stopping);
     }
     match ready {
         Ok(Ok(())) => {
@@ -300,12 +431,16 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, String> {
                 Priority::Info,
                 format!("worker {slot} started (pid {pid}, table row {row})"),
             );
+            sup.pool.versions.borrow_mut()[slot] = Some(version);
+            publish_admitted(sup);
             Ok(Worker { channel, done })
         }
         _ => {
             sup.pool.kill_if_live(pid);
             let _ = done.await;
-            Err("the worker did not become ready".to_string())
+            Err(LaunchError::Failed(
+                "the worker did not become ready".to_string(),
+            ))
         }
     }
 }
@@ -388,6 +523,7 @@ async fn watch(
     sup.pool.nudge_others(pid);
     sup.boot.table.fold_worker(row);
     sup.pool.free_row(row);
+    sup.pool.exits.set(sup.pool.exits.get() + 1);
     sup.pool.changed.notify_waiters();
     status
 }
