@@ -140,11 +140,8 @@ fn run_probe(what: &str) -> i32 {
     let filter = balance::sandbox::worker_filter(source_bind).expect("compile policy");
     // For "table-write": a table mapped as a worker maps it, both descriptors closed.
     let table = (what == "table-write").then(common::worker_table);
-    // Like a worker, build the runtime before the lockdown.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // Like a worker, make the event loop's epoll instance before the lockdown.
+    let poll = mio::Poll::new().expect("epoll");
     let connect_ports: Vec<u16> = args.first().copied().into_iter().collect();
     let landlock = balance::sandbox::lock_down_worker(&connect_ports, &filter).expect("lockdown");
     let landlock_full = landlock == balance::sandbox::Landlock::Full;
@@ -186,7 +183,7 @@ fn run_probe(what: &str) -> i32 {
             }
             report(probe_bind_ports())
         }
-        "allowed" => report(probe_allowed(&runtime)),
+        "allowed" => report(probe_allowed(poll)),
         "table-write" => {
             let table = table.expect("table");
             let counters = table.counters(0, 0).expect("counters");
@@ -268,15 +265,37 @@ fn probe_bind_ports() -> bool {
     try_bind(0).is_ok() && try_bind(8099) == Err(nix::errno::Errno::EACCES)
 }
 
-/// What a worker does all day still works: allocate, run the runtime's timers and I/O,
-/// write to stderr.
-fn probe_allowed(runtime: &tokio::runtime::Runtime) -> bool {
+/// What a worker does all day still works: allocate, open a TCP socket, register it with
+/// the event loop, wait for events with a timeout, deregister, close, write to stderr.
+fn probe_allowed(mut poll: mio::Poll) -> bool {
+    use mio::unix::SourceFd;
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
     let v: Vec<u8> = vec![7; 8 << 20];
     eprintln!("allocated {} bytes", v.len());
-    runtime.block_on(async {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    });
-    v.iter().all(|b| *b == 7)
+    let Ok(fd) = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    ) else {
+        return false;
+    };
+    let raw = fd.as_raw_fd();
+    let registry = poll.registry();
+    if registry
+        .register(&mut SourceFd(&raw), mio::Token(1), mio::Interest::WRITABLE)
+        .is_err()
+    {
+        return false;
+    }
+    let mut events = mio::Events::with_capacity(8);
+    let waited = poll
+        .poll(&mut events, Some(std::time::Duration::from_millis(10)))
+        .is_ok();
+    let deregistered = poll.registry().deregister(&mut SourceFd(&raw)).is_ok();
+    drop(fd);
+    waited && deregistered && v.iter().all(|b| *b == 7)
 }
 
 /// Runs the real daemon in a process where `landlock_create_ruleset` fails with ENOSYS, as
