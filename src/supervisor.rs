@@ -303,7 +303,7 @@ async fn wait_for_stop(
             _ = hup.recv() => {
                 sup.log(Priority::Notice, "reload (SIGHUP): replacing workers".to_string());
                 sup.logger.borrow_mut().reconnect();
-                tokio::task::spawn_local(pool::replace_all(Rc::clone(sup), pool::Scope::All));
+                pool::request_round(sup, pool::Scope::All);
             }
             _ = poll.tick() => {
                 if sup.boot.table.header().shutdown.load(Ordering::Acquire) != 0 {
@@ -353,7 +353,7 @@ fn observe_table(sup: &Rc<Supervisor>) {
         Priority::Notice,
         format!("new channel port(s) {new:?}: replacing workers so their sandbox admits them"),
     );
-    tokio::task::spawn_local(pool::replace_all(Rc::clone(sup), pool::Scope::Stale));
+    pool::request_round(sup, pool::Scope::Stale);
 }
 
 /// Every port of every channel in the table.

@@ -457,6 +457,7 @@ fn when_draining_workers_hold_every_table_row() {
     assert_eq!(b.workers().len(), 64, "{}", b.stderr());
 
     // A channel on a new port: no worker can be replaced for it.
+    let before_create = b.stderr().len();
     let o = b.control(&format!("create {}", b2.operand()));
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "channel created\n");
@@ -466,6 +467,12 @@ fn when_draining_workers_hold_every_table_row() {
         "{o:?}"
     );
     assert!(b.logged("2 of 2 workers still refuse a new channel port"));
+    let tried = &b.stderr()[before_create..];
+    assert_eq!(
+        tried.matches("cannot replace worker 0").count(),
+        1,
+        "one try until a worker exits: {tried}"
+    );
     for cmd in ["enable 1", "disable 0"] {
         assert!(b.control(cmd).status.success(), "{cmd}");
     }
@@ -512,4 +519,9 @@ fn when_draining_workers_hold_every_table_row() {
         &b.stderr()[killed..]
     );
     assert_eq!(greeting(b.addr()), "B2");
+    // The reload did not wait for the slot that had no worker, nor replace its new one.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = &b.stderr()[killed..];
+    assert!(after.contains("all workers replaced"), "{after}");
+    assert!(!after.contains("cannot replace worker 1"), "{after}");
 }

@@ -42,8 +42,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a new worker may take to report ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// A worker that still refuses a channel port is replaced again after this long even when
-/// no worker exited meanwhile (which is what usually frees the way).
+/// Replacing the workers that still refuse a channel port is tried again after this long,
+/// doubling up to [`STALE_RETRY`] while it keeps failing; when it failed only for want of a
+/// free table row, as soon as a worker exits (which frees one), or after `STALE_RETRY`.
+const STALE_BACKOFF: Duration = Duration::from_secs(1);
 const STALE_RETRY: Duration = Duration::from_secs(30);
 
 /// Which workers a round of replacements covers.
@@ -75,6 +77,84 @@ impl std::fmt::Display for LaunchError {
 }
 
 type Reply = oneshot::Sender<Result<(), String>>;
+/// The answer to a request to replace a slot's worker.
+type Answer = oneshot::Sender<Result<(), LaunchError>>;
+
+/// The versions of the channel port set (`Supervisor::ports_version`) a slot's workers were
+/// started with.
+#[derive(Clone, Copy, Default)]
+struct SlotPorts {
+    /// The serving worker's; None while the slot has none.
+    serving: Option<u64>,
+    /// A worker being started for the slot (not serving yet).
+    starting: Option<u64>,
+}
+
+/// When the workers that still refuse a channel port are to be replaced again.
+#[derive(Clone, Copy, Debug)]
+struct StaleRetry {
+    /// Due once `exits` differs from this (a row may be free).
+    after_exit: Option<u64>,
+    /// Due at this time in any case.
+    at: Instant,
+    /// The wait after the next failure.
+    backoff: Duration,
+}
+
+impl StaleRetry {
+    fn new(now: Instant) -> StaleRetry {
+        StaleRetry {
+            after_exit: None,
+            at: now,
+            backoff: STALE_BACKOFF,
+        }
+    }
+
+    fn is_due(&self, exits: u64, now: Instant) -> bool {
+        self.after_exit.is_some_and(|e| e != exits) || now >= self.at
+    }
+
+    /// Schedules the next try after a round that replaced `replaced` of `asked` workers;
+    /// `only_rows_short`: every failure was for want of a row. `exits_before`: workers
+    /// reaped when the round began.
+    fn after_round(
+        &mut self,
+        replaced: usize,
+        asked: usize,
+        only_rows_short: bool,
+        exits_before: u64,
+        now: Instant,
+    ) {
+        if replaced == asked {
+            self.backoff = STALE_BACKOFF;
+        } else if only_rows_short {
+            // Only a worker's exit frees a row.
+            self.after_exit = Some(exits_before);
+            self.at = now + STALE_RETRY;
+        } else {
+            // Replacements that fail exit too: wait, longer each time.
+            self.after_exit = None;
+            self.at = now + self.backoff;
+            self.backoff = (self.backoff * 2).min(STALE_RETRY);
+        }
+    }
+
+    /// Due at once (a worker started with a port set that was outdated by then).
+    fn now(&mut self, now: Instant) {
+        self.after_exit = None;
+        self.at = now;
+    }
+}
+
+/// Whether every serving worker, and every worker being started, admits the ports of
+/// version `current`.
+fn all_admit(versions: &[SlotPorts], current: u64) -> bool {
+    versions
+        .iter()
+        .flat_map(|v| [v.serving, v.starting])
+        .flatten()
+        .all(|v| v == current)
+}
 
 pub struct Pool {
     pub size: usize,
@@ -83,7 +163,7 @@ pub struct Pool {
     /// Live (not yet reaped) worker pids and their channels.
     live: RefCell<HashMap<u32, Rc<UnixDatagram>>>,
     /// Pending replace requests, one per slot.
-    requests: RefCell<Vec<Option<Reply>>>,
+    requests: RefCell<Vec<Option<Answer>>>,
     replace: Vec<Notify>,
     /// Slots given up after exhausting the crash budget.
     pub dead_slots: Cell<usize>,
@@ -92,13 +172,11 @@ pub struct Pool {
     /// Another was asked for meanwhile: the one under way goes round once more, over the
     /// wider of the two scopes.
     reload_again: Cell<Option<Scope>>,
-    /// Per slot, the version of the channel port set (`Supervisor::ports_version`) its
-    /// serving worker was started with; None while it has none.
-    versions: RefCell<Vec<Option<u64>>>,
+    /// Per slot, which channel ports its workers admit.
+    versions: RefCell<Vec<SlotPorts>>,
     /// Workers reaped so far.
     exits: Cell<u64>,
-    /// `exits` and the time when the last round for stale workers began.
-    stale_round: Cell<Option<(u64, Instant)>>,
+    stale_retry: Cell<StaleRetry>,
     /// Signalled when a worker exits or a slot is given up.
     pub changed: Notify,
 }
@@ -114,9 +192,9 @@ impl Pool {
             dead_slots: Cell::new(0),
             reloading: Cell::new(false),
             reload_again: Cell::new(None),
-            versions: RefCell::new(vec![None; size]),
+            versions: RefCell::new(vec![SlotPorts::default(); size]),
             exits: Cell::new(0),
-            stale_round: Cell::new(None),
+            stale_retry: Cell::new(StaleRetry::new(Instant::now())),
             changed: Notify::new(),
         }
     }
@@ -150,9 +228,23 @@ impl Pool {
         Some(row)
     }
 
-    /// Whether the slot's worker was started before the latest channel port appeared.
+    /// Whether the slot's serving worker was started before the latest channel port
+    /// appeared.
     fn is_stale(&self, slot: usize, current: u64) -> bool {
-        self.versions.borrow()[slot].is_some_and(|v| v < current)
+        self.versions.borrow()[slot]
+            .serving
+            .is_some_and(|v| v < current)
+    }
+
+    fn is_serving(&self, slot: usize) -> bool {
+        self.versions.borrow()[slot].serving.is_some()
+    }
+
+    /// Makes the next round for stale workers due at once.
+    fn retry_stale_now(&self) {
+        let mut retry = self.stale_retry.get();
+        retry.now(Instant::now());
+        self.stale_retry.set(retry);
     }
 
     fn free_row(&self, row: usize) {
@@ -184,8 +276,17 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                 if let Some(tx) = first_ready.take() {
                     let _ = tx.send(Ok(()));
                 }
+                publish_admitted(&sup);
                 let status = serve_slot(&sup, slot, worker).await;
-                sup.pool.versions.borrow_mut()[slot] = None;
+                sup.pool.versions.borrow_mut()[slot].serving = None;
+                // A replacement asked for meanwhile is done: the slot starts a fresh worker.
+                if let Some(answer) = sup.pool.requests.borrow_mut()[slot].take() {
+                    let _ = answer.send(Ok(()));
+                }
+                // Consume the wake-up that came with it, so that it does not replace the
+                // fresh worker (a timeout of zero polls the wait once).
+                let _ =
+                    tokio::time::timeout(Duration::ZERO, sup.pool.replace[slot].notified()).await;
                 if sup.stopping.get() {
                     return;
                 }
@@ -260,18 +361,20 @@ async fn serve_slot(
                 return status.unwrap_or_else(|e| Err(std::io::Error::other(e)));
             }
             () = sup.pool.replace[slot].notified() => {
-                let reply = sup.pool.requests.borrow_mut()[slot].take();
+                let answer = sup.pool.requests.borrow_mut()[slot].take();
                 let result = match launch(sup, slot).await {
                     Ok(new) => {
                         let old = std::mem::replace(&mut worker, new);
                         // The old worker's task reaps it and frees its row when it is done.
                         let _ = ipc::send(&old.channel, &Message::Drain, &[]).await;
+                        // Draining, it accepts no more: the ports are admitted now.
+                        publish_admitted(sup);
                         Ok(())
                     }
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e),
                 };
-                if let Some(reply) = reply {
-                    let _ = reply.send(result);
+                if let Some(answer) = answer {
+                    let _ = answer.send(result);
                 }
             }
         }
@@ -284,13 +387,19 @@ async fn serve_slot(
 ///
 /// Rounds do not overlap: one asked for while another is under way (a second SIGHUP, a
 /// new channel port) makes that one go round once more when it is done, so that every
-/// worker ends up started after the last request.
-pub async fn replace_all(sup: Rc<Supervisor>, scope: Scope) {
+/// worker ends up started after the last request. The request is registered before this
+/// returns, so that a second one in the same tick is merged too.
+pub fn request_round(sup: &Rc<Supervisor>, scope: Scope) {
     if sup.pool.reloading.replace(true) {
         let again = sup.pool.reload_again.get().max(Some(scope));
         sup.pool.reload_again.set(again);
         return;
     }
+    tokio::task::spawn_local(rounds(Rc::clone(sup), scope));
+}
+
+/// Runs the rounds [`request_round`] asked for.
+async fn rounds(sup: Rc<Supervisor>, scope: Scope) {
     let mut scope = scope;
     loop {
         sup.pool.reload_again.set(None);
@@ -310,7 +419,7 @@ pub async fn replace_all(sup: Rc<Supervisor>, scope: Scope) {
                 Priority::Warning,
                 format!(
                     "{} of {asked} workers still refuse a new channel port; \
-                     they are replaced again once a worker exits",
+                     they are replaced again later",
                     asked - replaced
                 ),
             ),
@@ -323,8 +432,8 @@ pub async fn replace_all(sup: Rc<Supervisor>, scope: Scope) {
     sup.pool.reloading.set(false);
 }
 
-/// Replaces the workers that still refuse a channel port, when the last attempt was before
-/// a worker exited (freeing a row) or long ago. Called on the supervisor's table poll.
+/// Replaces the workers that still refuse a channel port when that is due (see
+/// [`STALE_BACKOFF`]). Called on the supervisor's table poll.
 pub fn retry_stale(sup: &Rc<Supervisor>) {
     if sup.pool.reloading.get() {
         return;
@@ -333,42 +442,44 @@ pub fn retry_stale(sup: &Rc<Supervisor>) {
     if !(0..sup.pool.size).any(|slot| sup.pool.is_stale(slot, current)) {
         return;
     }
-    let due =
-        sup.pool.stale_round.get().is_none_or(|(exits, when)| {
-            exits != sup.pool.exits.get() || when.elapsed() >= STALE_RETRY
-        });
-    if due {
-        tokio::task::spawn_local(replace_all(Rc::clone(sup), Scope::Stale));
+    if sup
+        .pool
+        .stale_retry
+        .get()
+        .is_due(sup.pool.exits.get(), Instant::now())
+    {
+        request_round(sup, Scope::Stale);
     }
 }
 
-/// Marks the channel ports in the table as admitted once every serving worker's sandbox
-/// admits all of them (so a control shell waiting for a new port can return).
+/// Marks the channel ports in the table as admitted once every serving worker's sandbox,
+/// and that of every worker being started, admits all of them (so a control shell waiting
+/// for a new port can return). Draining workers accept no new connection and do not count.
 fn publish_admitted(sup: &Supervisor) {
-    let current = sup.ports_version.get();
-    let versions = sup.pool.versions.borrow();
-    if versions.iter().flatten().all(|&v| v == current) {
+    if all_admit(&sup.pool.versions.borrow(), sup.ports_version.get()) {
         sup.boot
             .table
             .admit_ports(sup.ports.borrow().iter().copied());
     }
 }
 
-/// One round of [`replace_all`]: how many workers were replaced and how many were asked to
-/// be, None when stopping.
+/// One round of [`request_round`]: how many workers were replaced and how many were asked
+/// to be, None when stopping. A slot without a serving worker is not asked: the one it
+/// starts next is new anyway.
 async fn replace_each(sup: &Rc<Supervisor>, scope: Scope) -> Option<(usize, usize)> {
-    if scope == Scope::Stale {
-        sup.pool
-            .stale_round
-            .set(Some((sup.pool.exits.get(), Instant::now())));
-    }
+    let exits_before = sup.pool.exits.get();
     let mut replaced = 0;
     let mut asked = 0;
+    let mut only_rows_short = true;
     for slot in 0..sup.pool.size {
         if sup.stopping.get() {
             return None;
         }
-        if scope == Scope::Stale && !sup.pool.is_stale(slot, sup.ports_version.get()) {
+        let wanted = match scope {
+            Scope::All => sup.pool.is_serving(slot),
+            Scope::Stale => sup.pool.is_stale(slot, sup.ports_version.get()),
+        };
+        if !wanted {
             continue;
         }
         asked += 1;
@@ -381,25 +492,58 @@ async fn replace_each(sup: &Rc<Supervisor>, scope: Scope) -> Option<(usize, usiz
         }
         match outcome {
             Ok(Ok(Ok(()))) => replaced += 1,
-            Ok(Ok(Err(e))) => sup.log(
-                Priority::Error,
-                format!("cannot replace worker {slot}: {e}"),
-            ),
-            _ => sup.log(
-                Priority::Error,
-                format!("worker {slot} was not replaced in time"),
-            ),
+            Ok(Ok(Err(e))) => {
+                only_rows_short &= matches!(e, LaunchError::NoRow);
+                sup.log(
+                    Priority::Error,
+                    format!("cannot replace worker {slot}: {e}"),
+                );
+            }
+            _ => {
+                only_rows_short = false;
+                sup.log(
+                    Priority::Error,
+                    format!("worker {slot} was not replaced in time"),
+                );
+            }
         }
     }
+    let mut retry = sup.pool.stale_retry.get();
+    retry.after_round(
+        replaced,
+        asked,
+        only_rows_short,
+        exits_before,
+        Instant::now(),
+    );
+    sup.pool.stale_retry.set(retry);
     Some((replaced, asked))
 }
 
 /// Starts a worker for `slot` and waits until it reports ready; it is then the slot's
-/// serving worker.
+/// serving worker. The caller publishes the admitted ports once the worker it replaces, if
+/// any, is draining.
 async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, LaunchError> {
-    let row = sup.pool.take_row().ok_or(LaunchError::NoRow)?;
     let version = sup.ports_version.get();
-    let (child, channel) = match spawn(sup, row).await {
+    let ports: Vec<u16> = sup.ports.borrow().iter().copied().collect();
+    sup.pool.versions.borrow_mut()[slot].starting = Some(version);
+    let result = start(sup, slot, ports).await;
+    let mut versions = sup.pool.versions.borrow_mut();
+    versions[slot].starting = None;
+    if result.is_ok() {
+        versions[slot].serving = Some(version);
+        if version < sup.ports_version.get() {
+            // A port appeared while it started: its sandbox refuses it.
+            sup.pool.retry_stale_now();
+        }
+    }
+    result
+}
+
+/// [`launch`] without the bookkeeping: a worker admitting `ports`.
+async fn start(sup: &Rc<Supervisor>, slot: usize, ports: Vec<u16>) -> Result<Worker, LaunchError> {
+    let row = sup.pool.take_row().ok_or(LaunchError::NoRow)?;
+    let (child, channel) = match spawn(sup, row, ports).await {
         Ok(started) => started,
         Err(e) => {
             sup.pool.free_row(row);
@@ -431,8 +575,6 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, LaunchError
                 Priority::Info,
                 format!("worker {slot} started (pid {pid}, table row {row})"),
             );
-            sup.pool.versions.borrow_mut()[slot] = Some(version);
-            publish_admitted(sup);
             Ok(Worker { channel, done })
         }
         _ => {
@@ -449,6 +591,7 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, LaunchError
 async fn spawn(
     sup: &Supervisor,
     row: usize,
+    connect_ports: Vec<u16>,
 ) -> Result<(tokio::process::Child, UnixDatagram), IpcError> {
     let (ours, theirs) = ipc::socketpair()?;
     let exe = format!("/proc/self/fd/{}", sup.boot.exe.as_raw_fd());
@@ -473,7 +616,7 @@ async fn spawn(
     fds.push(sup.boot.table_file_read_only.as_raw_fd());
     let config = WorkerConfig {
         row: row as u32,
-        connect_ports: sup.ports.borrow().iter().copied().collect(),
+        connect_ports,
         ..sup.template.clone()
     };
     ipc::send(&channel, &Message::Start(config), &fds).await?;
@@ -600,5 +743,66 @@ pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
         if pid > 0 {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(serving: Option<u64>, starting: Option<u64>) -> SlotPorts {
+        SlotPorts { serving, starting }
+    }
+
+    #[test]
+    fn ports_are_admitted_only_when_every_serving_and_starting_worker_has_them() {
+        assert!(all_admit(&[], 3), "no worker refuses anything");
+        assert!(all_admit(&[slot(Some(3), None), slot(None, None)], 3));
+        assert!(!all_admit(&[slot(Some(2), None), slot(Some(3), None)], 3));
+        assert!(
+            !all_admit(&[slot(Some(3), None), slot(None, Some(2))], 3),
+            "a worker being started with the old ports"
+        );
+        assert!(all_admit(&[slot(Some(3), Some(3))], 3));
+    }
+
+    #[test]
+    fn failing_replacements_back_off_and_do_not_retry_on_their_own_exits() {
+        let t0 = Instant::now();
+        let mut r = StaleRetry::new(t0);
+        assert!(r.is_due(0, t0));
+        r.after_round(0, 2, false, 0, t0);
+        assert!(
+            !r.is_due(5, t0),
+            "the failed workers' exits do not make it due"
+        );
+        assert!(r.is_due(5, t0 + STALE_BACKOFF));
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let before = r.at;
+            r.after_round(1, 2, false, 0, before);
+            waits.push(r.at - before);
+        }
+        assert_eq!(waits[0], STALE_BACKOFF * 2);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert_eq!(*waits.last().expect("waits"), STALE_RETRY);
+        r.after_round(2, 2, false, 0, t0);
+        r.after_round(0, 1, false, 0, t0);
+        assert_eq!(r.at, t0 + STALE_BACKOFF, "a success resets the backoff");
+    }
+
+    #[test]
+    fn a_round_short_of_rows_is_retried_when_a_worker_exits() {
+        let t0 = Instant::now();
+        let mut r = StaleRetry::new(t0);
+        r.after_round(1, 2, true, 7, t0);
+        assert!(!r.is_due(7, t0 + STALE_BACKOFF * 4));
+        assert!(r.is_due(8, t0), "a worker exited: a row may be free");
+        assert!(
+            r.is_due(7, t0 + STALE_RETRY),
+            "and in any case after a while"
+        );
+        r.now(t0);
+        assert!(r.is_due(7, t0));
     }
 }
