@@ -54,6 +54,8 @@ pub fn free_port() -> u16 {
 pub fn temp_dir(tag: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     static N: AtomicUsize = AtomicUsize::new(0);
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_finished_runs);
     let dir = std::env::temp_dir().join(format!(
         "balance-test-{tag}-{}-{}",
         std::process::id(),
@@ -63,6 +65,28 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create temp dir");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     dir
+}
+
+/// Removes what earlier test processes left in the temp directory: every
+/// `balance-test-TAG-PID-N` whose process PID is gone. Each test process leaves its own
+/// directories (run directories, logs, binary copies) for a look after a failure; the next
+/// run clears them.
+fn sweep_finished_runs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("balance-test-")) else {
+            continue;
+        };
+        let pid = rest.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 /// What a backend does with each accepted connection.
