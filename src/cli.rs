@@ -36,7 +36,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: u64 = 5;
 
 const DEFAULT_RUN_DIR: &str = "/run/balance";
 const DEFAULT_USER: &str = "balance";
-const DEFAULT_CONTROL_GROUP: &str = "balance";
+pub const DEFAULT_CONTROL_GROUP: &str = "balance";
 use crate::table::MAX_POOL as MAX_WORKERS;
 const SYSTEM_SERVICES: &str = "/etc/services";
 
@@ -76,10 +76,13 @@ Exit status:
   0   success
   64  bad command line (unknown option, bad value, wrong operands, invalid port)
   65  invalid channel address; shell: syntax error, no such channel or group
-  67  the service user (--user) does not exist
-  69  service unavailable (bad grouping, too many groups or channels, no master process)
+  67  the service user (--user) or control group (--control-group) does not exist
+  69  service unavailable (bad grouping, too many groups or channels, no master process,
+      an unusable run directory, a kill that did not finish)
   70  internal error (no worker could run)
-  71  operating system error (bind, socket, files); shell: no access to the table file
+  71  operating system error (bind, socket, files, the pid file); shell: no access to the
+      table file
+  74  shell: cannot read the input or write the output
   75  shell: the table is locked by another writer, try again
   77  shell: the table is read-only for you
 ";
@@ -420,17 +423,17 @@ const OPTIONS: &[OptSpec] = &[
     short(Opt::HashFailover, "H", None, "In hash groups, fail over to the group's other channels"),
     short(Opt::Mmap, "M", None, "Ignored (the table is always a mapped file); kept for old scripts"),
     short(Opt::Dump, "p", None, "Dump all relayed data on stdout"),
-    short(Opt::ConnectTimeout, "t", Some("SEC"), "Connect timeout per channel, at least 1 [default: 5]"),
+    short(Opt::ConnectTimeout, "t", Some("SEC"), "Connect timeout per channel, 1 to 2147483647 [default: 5]"),
     short(Opt::IdleTimeout, "T", Some("SEC"), "Drop connections idle for SEC seconds, 0: never [default: 0]"),
     short(Opt::Ipv6, "6", None, "Listen on IPv6, dual stack (IPv4 clients are accepted too)"),
-    long(Opt::User, "user", Some("NAME"), "Run the workers as user NAME [default: balance]"),
+    long(Opt::User, "user", Some("NAME"), "Run the supervisor and workers as user NAME [default: balance]"),
     long(Opt::Workers, "workers", Some("N"), "Number of workers, 1 to 32 [default: one per CPU]"),
     long(Opt::Pidfile, "pidfile", Some("PATH"), "Write the supervisor's process id to PATH"),
     long(Opt::RunDir, "run-dir", Some("DIR"), "Directory of the table files [default: /run/balance]"),
-    long(Opt::ControlGroup, "control-group", Some("NAME"), "Group allowed to use the shell [default: balance]"),
+    long(Opt::ControlGroup, "control-group", Some("NAME"), "Group allowed to read the table in the shell [default: balance]"),
     long(Opt::SyslogSocket, "syslog-socket", Some("PATH"), "Send log messages to the syslog socket PATH"),
     long(Opt::LogConnections, "log-connections", None, "Log every relayed connection"),
-    long(Opt::Json, "json", None, "Shell output as JSON (only with -i or -c)"),
+    long(Opt::Json, "json", None, "show and stats print JSON (only with -i or -c)"),
     OptSpec { short: Some('h'), ..long(Opt::Help, "help", None, "Print this help and exit") },
     OptSpec { short: Some('V'), ..long(Opt::Version, "version", None, "Print the version and exit") },
 ];

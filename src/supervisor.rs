@@ -144,6 +144,9 @@ fn supervise(
         args.foreground,
         args.common.debug,
     );
+    for warning in &boot.warnings {
+        logger.log(Priority::Warning, warning);
+    }
     match &boot.account {
         Some(account) => {
             crate::sandbox::drop_privileges(account).map_err(|e| {

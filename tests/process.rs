@@ -234,6 +234,86 @@ fn unknown_user_is_refused_with_exit_67() {
     );
 }
 
+/// A control group named on the command line must exist (it used to be replaced by the
+/// service user's group without a word); the default one need not.
+#[test]
+fn unknown_control_group_is_refused_with_exit_67() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("nogroup");
+    let out = Command::new(BIN)
+        .args(["-f", "--control-group", "no-such-group-here", "--run-dir"])
+        .arg(dir.join("run"))
+        .args(["-b", "127.0.0.1", &free_port().to_string(), "127.0.0.1:1"])
+        .output_within(COMMAND_LIMIT)
+        .expect("run");
+    assert_eq!(out.status.code(), Some(67));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("group no-such-group-here does not exist"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("run").exists(),
+        "nothing created before the check"
+    );
+}
+
+/// Instances sharing a run directory: the control group of one must not lock the other's
+/// out of the directory (the last one started used to regroup it). A directory no running
+/// instance uses takes the new group.
+#[test]
+fn a_shared_run_directory_keeps_the_group_of_the_instance_using_it() {
+    if !require_root() {
+        return;
+    }
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .expect("getgrnam")
+        .expect("group nogroup exists on Debian")
+        .gid
+        .as_raw();
+    let (_, balance_gid) = balance_ids();
+    let run = temp_dir("regroup").join("run");
+    let gid = || std::fs::metadata(&run).expect("stat").gid();
+    let first = Balance::start_with(Start {
+        operands: &["127.0.0.1:1".to_string()],
+        run_dir: Some(&run),
+        ..Start::default()
+    });
+    assert_eq!(gid(), balance_gid);
+    let second = Balance::start_with(Start {
+        flags: &["--control-group", "nogroup"],
+        operands: &["127.0.0.1:1".to_string()],
+        run_dir: Some(&run),
+        ..Start::default()
+    });
+    assert_eq!(gid(), balance_gid, "the first instance's group stays");
+    assert!(
+        second.logged("belongs to group") && second.stderr().contains("same --control-group"),
+        "{}",
+        second.stderr()
+    );
+    drop(second);
+    drop(first);
+    let alone = Balance::start_with(Start {
+        flags: &["--control-group", "nogroup"],
+        operands: &["127.0.0.1:1".to_string()],
+        run_dir: Some(&run),
+        ..Start::default()
+    });
+    assert_eq!(
+        gid(),
+        nogroup,
+        "no other instance: the directory takes the new group"
+    );
+    assert!(
+        !alone.stderr().contains("belongs to group"),
+        "{}",
+        alone.stderr()
+    );
+}
+
 #[test]
 fn non_root_start_runs_unprivileged_with_a_warning() {
     if !require_root() {

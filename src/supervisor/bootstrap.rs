@@ -63,6 +63,8 @@ pub struct Boot {
     table_name: String,
     /// Our own executable, opened before the privilege drop, for re-exec of workers.
     pub exe: OwnedFd,
+    /// Warnings for the log, which does not exist yet when they are found.
+    pub warnings: Vec<String>,
 }
 
 impl Boot {
@@ -87,10 +89,7 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
         None
     };
     let table_gid = match &account {
-        Some(a) => sandbox::lookup_group(&args.control_group)
-            .ok()
-            .flatten()
-            .unwrap_or(a.gid),
+        Some(a) => control_group(&args.control_group, a)?,
         None => Gid::effective(),
     };
     let groups = resolve_groups(args)?;
@@ -104,7 +103,13 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
         .local_addr()
         .map_or_else(|_| format!("port {}", listen.port), |a| a.to_string());
     let table_name = table_file_name(listen.port, listen.bind.as_deref());
-    let run_dir = prepare_run_dir(&args.common.run_dir, account.as_ref(), table_gid)?;
+    let mut warnings = Vec::new();
+    let run_dir = prepare_run_dir(
+        &args.common.run_dir,
+        account.as_ref(),
+        table_gid,
+        &mut warnings,
+    )?;
     let (table_file, table) = publish_table(&run_dir, &table_name, table_gid, &groups)?;
     // Reopened through our own descriptor: the same file, whatever the directory holds now.
     let table_file_read_only = open(
@@ -124,6 +129,7 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
     )
     .map_err(|e| Fatal::new(EX_OSERR, format!("cannot open /proc/self/exe: {e}")))?;
     Ok(Boot {
+        warnings,
         account,
         listeners: vec![listener],
         listen_description,
@@ -164,6 +170,25 @@ fn service_account(name: &str) -> Result<Account, Fatal> {
         Err(e) => Err(Fatal::new(
             EX_NOUSER,
             format!("balance: cannot look up user {name}: {e}"),
+        )),
+    }
+}
+
+/// The group that may read the table. The default one need not exist (the service user's
+/// own group is used then); one named with `--control-group` must.
+fn control_group(name: &str, account: &Account) -> Result<Gid, Fatal> {
+    match sandbox::lookup_group(name) {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) if name == crate::cli::DEFAULT_CONTROL_GROUP => Ok(account.gid),
+        Ok(None) => Err(Fatal::new(
+            EX_NOUSER,
+            format!(
+                "balance: group {name} does not exist: create it (addgroup --system {name}) or choose another with --control-group"
+            ),
+        )),
+        Err(e) => Err(Fatal::new(
+            EX_NOUSER,
+            format!("balance: cannot look up group {name}: {e}"),
         )),
     }
 }
@@ -263,8 +288,15 @@ fn bind_listener(
 
 /// Creates (0750) or checks the run directory and gives it to the service user (who must
 /// be able to remove the table at shutdown) and the control group (whose members must be
-/// able to reach the table to read it).
-fn prepare_run_dir(path: &Path, account: Option<&Account>, group: Gid) -> Result<OwnedFd, Fatal> {
+/// able to reach the table to read it). The group of a directory another running instance
+/// uses is left alone (its control group would lose access); `warnings` then says that
+/// ours cannot reach our table.
+fn prepare_run_dir(
+    path: &Path,
+    account: Option<&Account>,
+    group: Gid,
+    warnings: &mut Vec<String>,
+) -> Result<OwnedFd, Fatal> {
     let unavailable = |why: String| {
         Fatal::new(
             EX_UNAVAILABLE,
@@ -319,12 +351,55 @@ fn prepare_run_dir(path: &Path, account: Option<&Account>, group: Gid) -> Result
             .map_err(|e| unavailable(e.desc().to_string()))?;
     }
     if let Some(a) = account {
-        if (st.st_uid, st.st_gid) != (a.uid.as_raw(), group.as_raw()) {
+        let regroup = st.st_gid != group.as_raw() && {
+            let shared = serves_another_instance(path);
+            if shared {
+                warnings.push(format!(
+                    "run directory {} belongs to group {} of another running instance: \
+                     members of the control group (gid {group}) cannot reach this table; \
+                     give instances that share a run directory the same --control-group, \
+                     or each its own --run-dir",
+                    path.display(),
+                    st.st_gid
+                ));
+            }
+            !shared
+        };
+        if st.st_uid != a.uid.as_raw() || regroup {
+            let group = if regroup {
+                group
+            } else {
+                Gid::from_raw(st.st_gid)
+            };
             fchown(&dir, Some(a.uid), Some(group))
                 .map_err(|e| unavailable(e.desc().to_string()))?;
         }
     }
     Ok(dir)
+}
+
+/// Whether a running balance serves a table in `dir` (its supervisor holds the table's
+/// `flock`). Before ours is published, every table there is another instance's.
+fn serves_another_instance(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        if !name
+            .to_string_lossy()
+            .starts_with(crate::cli::TABLE_FILE_PREFIX)
+        {
+            return false;
+        }
+        // O_NOFOLLOW, O_NONBLOCK: nothing planted there makes this follow a link or hang.
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(e.path())
+            .is_ok_and(|f| crate::sys::try_flock(f.as_fd(), false).is_ok_and(|granted| !granted))
+    })
 }
 
 /// Whether a run directory entry is one balance makes there: a table, a table under its
