@@ -127,14 +127,29 @@ fn supervise(
     boot: bootstrap::Boot,
     launcher: Option<&OwnedFd>,
 ) -> Result<(), Fatal> {
+    // Until the event loop runs (and removes it on the way out), a failure removes the
+    // table itself: a start that failed must not leave it behind.
+    let abandon = |e: Fatal| {
+        boot.remove_table();
+        e
+    };
     if let Some(path) = &args.pidfile {
-        write_pid_file(path).map_err(|e| {
-            Fatal::new(
-                EX_OSERR,
-                format!("cannot write pid file {}: {e}", path.display()),
-            )
-        })?;
+        write_pid_file(path)
+            .map_err(|e| {
+                Fatal::new(
+                    EX_OSERR,
+                    format!("cannot write pid file {}: {e}", path.display()),
+                )
+            })
+            .map_err(abandon)?;
     }
+    // Later, our pid file goes too.
+    let abandon = |e: Fatal| {
+        if let Some(path) = &args.pidfile {
+            let _ = std::fs::remove_file(path);
+        }
+        abandon(e)
+    };
     boot.table
         .header()
         .supervisor_pid
@@ -149,12 +164,14 @@ fn supervise(
     }
     match &boot.account {
         Some(account) => {
-            crate::sandbox::drop_privileges(account).map_err(|e| {
-                Fatal::new(
-                    EX_OSERR,
-                    format!("cannot drop privileges to {}: {e}", account.name),
-                )
-            })?;
+            crate::sandbox::drop_privileges(account)
+                .map_err(|e| {
+                    Fatal::new(
+                        EX_OSERR,
+                        format!("cannot drop privileges to {}: {e}", account.name),
+                    )
+                })
+                .map_err(abandon)?;
             logger.log(
                 Priority::Notice,
                 &format!(
@@ -183,7 +200,8 @@ fn supervise(
     let last_seen = boot
         .table
         .snapshot()
-        .ok_or_else(|| Fatal::new(EX_SOFTWARE, "balance: the new table is inconsistent"))?;
+        .ok_or_else(|| Fatal::new(EX_SOFTWARE, "balance: the new table is inconsistent"))
+        .map_err(abandon)?;
     let generation = boot.table.header().generation.load(Ordering::Relaxed);
     let sup = Rc::new(Supervisor {
         template: WorkerConfig {
@@ -214,7 +232,13 @@ fn supervise(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Fatal::new(EX_OSERR, format!("cannot start the event loop: {e}")))?;
+        .map_err(|e| Fatal::new(EX_OSERR, format!("cannot start the event loop: {e}")))
+        .inspect_err(|_| {
+            sup.boot.remove_table();
+            if let Some(path) = &args.pidfile {
+                let _ = std::fs::remove_file(path);
+            }
+        })?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let signals = (

@@ -513,6 +513,12 @@ fn a_link_at_the_pid_file_is_not_followed() {
             "secret\n",
             "written through {planted:?}"
         );
+        let left: Vec<_> = std::fs::read_dir(dir.join("run"))
+            .expect("run directory")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "a failed start leaves {left:?}");
     }
 }
 
