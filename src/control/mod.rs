@@ -283,6 +283,15 @@ fn report_access(e: &AccessError, path: &Path, control_group: &str) -> u8 {
 const ADMIT_WAIT: Duration = Duration::from_secs(5);
 const ADMIT_POLL: Duration = Duration::from_millis(10);
 
+/// How the wait for a new channel port ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Admitted {
+    Yes,
+    TimedOut,
+    /// The daemon is gone: nothing will ever admit it.
+    NoMaster,
+}
+
 /// A control session on one mapped table.
 struct Session<'a> {
     table: &'a Table,
@@ -391,33 +400,37 @@ impl Session<'_> {
                 writeln!(err, "audit: {event}")?;
             }
         }
-        let refused = reply.port.filter(|&port| !self.await_admitted(port));
+        let admitted = reply.port.map(|port| (port, self.await_admitted(port)));
         out.write_all(reply.text.as_bytes())?;
-        match refused {
-            Some(port) => writeln!(
+        match admitted {
+            Some((port, Admitted::TimedOut)) => writeln!(
                 err,
                 "balance: warning: the workers do not admit port {port} yet; connections to \
                  this channel fail until they do (see the daemon's log)"
             ),
-            None => Ok(()),
+            Some((_, Admitted::NoMaster)) => writeln!(
+                err,
+                "balance: warning: the daemon stopped meanwhile; the change is in a table \
+                 nothing serves"
+            ),
+            _ => Ok(()),
         }
     }
 
     /// Waits (bounded) until every serving worker's sandbox admits `port`: a channel on a
     /// port new to the daemon makes it replace its workers, and the channel should work
-    /// once the command that made it returns. False when the time ran out.
-    fn await_admitted(&self, port: u16) -> bool {
+    /// once the command that made it returns.
+    fn await_admitted(&self, port: u16) -> Admitted {
         let deadline = std::time::Instant::now() + ADMIT_WAIT;
         loop {
             if self.table.admits(port) {
-                return true;
+                return Admitted::Yes;
             }
             if std::time::Instant::now() >= deadline {
-                return false;
+                return Admitted::TimedOut;
             }
             if !access::master_alive(self.file).unwrap_or(false) {
-                // Nothing serves the table: nothing to wait for.
-                return true;
+                return Admitted::NoMaster;
             }
             std::thread::sleep(ADMIT_POLL);
         }

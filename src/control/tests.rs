@@ -568,3 +568,35 @@ fn show_repairs_a_writer_that_died_mid_update() {
     assert!(ok(&mut session(&f), "show").starts_with("GRP"));
     assert_eq!(f.table.seq() & 1, 0);
 }
+
+/// `create` on a port the workers admit already returns at once and quietly; when the
+/// daemon is gone it says so instead of waiting.
+#[test]
+fn a_new_port_is_awaited_only_while_the_daemon_serves() {
+    let mut f = three_channels("admit", true);
+    let mut s = session(&f);
+    let reply = s.run_line("create 127.0.0.1 21009").expect("create");
+    assert_eq!(reply.port, Some(21009));
+    f.table.admit_ports([21009]);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let started = std::time::Instant::now();
+    s.emit(&reply, &mut out, &mut err).expect("emit");
+    assert!(started.elapsed() < ADMIT_WAIT / 2);
+    assert_eq!(String::from_utf8_lossy(&out), "channel created\n");
+    assert_eq!(String::from_utf8_lossy(&err), "");
+
+    let reply = s.run_line("create 127.0.0.1 21010").expect("create");
+    drop(s);
+    f.master = None;
+    let s = session(&f);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let started = std::time::Instant::now();
+    s.emit(&reply, &mut out, &mut err).expect("emit");
+    assert!(started.elapsed() < ADMIT_WAIT / 2);
+    assert_eq!(String::from_utf8_lossy(&out), "channel created\n");
+    assert!(
+        String::from_utf8_lossy(&err).contains("the daemon stopped meanwhile"),
+        "{}",
+        String::from_utf8_lossy(&err)
+    );
+}
