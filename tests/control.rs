@@ -264,23 +264,31 @@ fn a_channel_on_a_new_port_works_as_soon_as_the_command_returns() {
     }
     let bs = backends(3);
     let b = Balance::start(&["-d"], &[bs[0].operand()]);
-    let o = b.control(&format!("create {}", bs[1].operand()));
-    assert_eq!(
-        (o.status.code(), stdout(&o), stderr(&o)),
-        (Some(0), "channel created\n".into(), String::new())
-    );
-    control_ok(&b, "enable 1");
-    control_ok(&b, "disable 0");
-    assert_eq!(greeting(b.addr()), "B2", "{}", b.stderr());
-
-    let o = b.control(&format!("assign 0 127.0.0.1 {}", bs[2].port()));
-    assert_eq!(
-        (o.status.code(), stdout(&o), stderr(&o)),
-        (Some(0), "channel reassigned\n".into(), String::new())
-    );
-    control_ok(&b, "enable 0");
-    control_ok(&b, "disable 1");
-    assert_eq!(greeting(b.addr()), "B3", "{}", b.stderr());
+    let steps = [
+        (
+            format!("create {}", bs[1].operand()),
+            "channel created\n",
+            ["enable 1", "disable 0"],
+            "B2",
+        ),
+        (
+            format!("assign 0 127.0.0.1 {}", bs[2].port()),
+            "channel reassigned\n",
+            ["enable 0", "disable 1"],
+            "B3",
+        ),
+    ];
+    for (command, reply, switch, tag) in steps {
+        let o = b.control(&command);
+        assert_eq!(
+            (o.status.code(), stdout(&o), stderr(&o)),
+            (Some(0), reply.into(), String::new())
+        );
+        for cmd in switch {
+            control_ok(&b, cmd);
+        }
+        assert_eq!(greeting(b.addr()), tag, "{}", b.stderr());
+    }
     assert!(
         !b.stderr().contains("not admitted"),
         "no worker met a port its sandbox refuses: {}",
