@@ -48,6 +48,7 @@ command -v setpriv >/dev/null || missing+=(util-linux)
 command -v adduser >/dev/null || missing+=(adduser)
 command -v python3 >/dev/null || missing+=(python3)
 command -v man >/dev/null || missing+=(man-db)
+command -v strace >/dev/null || missing+=(strace)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
@@ -199,6 +200,63 @@ for f in "$caps_run"/*.pid; do
 done
 rm -rf "$caps_run"
 
+# The unit's system-call filter is inherited by everything balance runs (the workers add
+# their own on top): every call of one instance from start to stop, through traffic and a
+# reload, must be in it. The filter's groups are expanded by systemd itself.
+declare -A seen_groups=()
+expand_filter() {
+    local item
+    for item in "$@"; do
+        case "$item" in
+            @*)
+                [ -n "${seen_groups[$item]-}" ] && continue
+                seen_groups[$item]=1
+                # shellcheck disable=SC2046
+                expand_filter $(systemd-analyze syscall-filter --no-pager "$item" |
+                    sed '1d; s/^ *//; /^#/d; /^$/d')
+                ;;
+            *) echo "$item" ;;
+        esac
+    done
+}
+allowed="$work/filter-allowed"
+denied="$work/filter-denied"
+: >"$allowed"
+: >"$denied"
+while IFS= read -r line; do
+    value=${line#SystemCallFilter=}
+    seen_groups=()
+    # shellcheck disable=SC2086
+    case "$value" in
+        "~"*) expand_filter ${value#"~"} >>"$denied" ;;
+        *) expand_filter $value >>"$allowed" ;;
+    esac
+done < <(grep '^SystemCallFilter=' "$units/balance@.service")
+filter_run="$work/filter-run"
+rm -rf "$filter_run"
+port=$(free_port)
+strace -f -qq -o "$work/strace.out" \
+    "$binary" --run-dir "$filter_run" --pidfile "$filter_run/s.pid" "$port" "127.0.0.1:$b1" &
+strace_pid=$!
+pids+=("$strace_pid")
+if wait_for 20 test -s "$filter_run/s.pid" && wait_for 20 fetch "$port" >/dev/null; then
+    supervisor=$(cat "$filter_run/s.pid")
+    kill -HUP "$supervisor"
+    sleep 1
+    fetch "$port" >/dev/null || true
+    kill "$supervisor"
+    wait_for 30 gone "$strace_pid" || kill "$strace_pid"
+    wait "$strace_pid" 2>/dev/null || true
+    calls=$(sed -nE 's/^[0-9]+ +(<\.\.\. )?([a-z0-9_]+)[( ].*/\2/p' "$work/strace.out" | sort -u)
+    outside=$(comm -23 <(printf '%s\n' "$calls") \
+        <(sort -u "$allowed" | comm -23 - <(sort -u "$denied")) | tr '\n' ' ')
+    check "the unit's SystemCallFilter allows all $(wc -w <<<"$calls") calls balance makes${outside:+; not: $outside}" \
+        [ -z "$outside" ]
+else
+    fail "an instance under strace serves on port $port"
+fi
+rm -rf "$filter_run"
+
 # --- install on a machine without the service user ---------------------------------
 if getent passwd balance >/dev/null; then
     wait_for 30 deluser --quiet --system balance ||
@@ -288,8 +346,57 @@ status=0
 service balance status >/dev/null 2>&1 || status=$?
 check "service balance status after stop: 3 (not running)" [ "$status" -eq 3 ]
 
+# LSB exit codes and what the init script must not be fooled by.
+rc_of() {
+    local rc=0
+    timeout 60 "$@" >/dev/null 2>&1 || rc=$?
+    echo "$rc"
+}
+both_gone() { gone "$sup1" && gone "$sup2"; }
+# stops_both COMMAND...: the command succeeds and both supervisors are gone after it.
+stops_both() {
+    timeout 60 "$@" >/dev/null 2>&1 && wait_for 15 both_gone
+}
+refuses_to_start() {
+    [ "$(rc_of service balance start)" -eq 6 ] && [ ! -e /run/balance/ci_rr.pid ]
+}
+check "service balance reload with nothing running: 7" [ "$(rc_of service balance reload)" -eq 7 ]
+install -d -m 0750 -o root -g balance /run/balance
+echo "${pids[0]}" >/run/balance/ci_rr.pid
+check "status with another process's pid in the pid file: 1 (dead, pid file exists)" \
+    [ "$(rc_of service balance status)" -eq 1 ]
+rm -rf /run/balance
+good_conf=$(cat /etc/default/balance)
+for bad in "--pidfile /tmp/other.pid" "-f" "-af" "-c show"; do
+    printf '%s\nBALANCE_ARGS_ci_rr="%s %s 127.0.0.1:%s"\n' "$good_conf" "$bad" "$p1" "$b1" \
+        >/etc/default/balance
+    check "BALANCE_ARGS with $bad: start refuses (6) and starts nothing" refuses_to_start
+    service balance stop >/dev/null 2>&1 || true
+done
+printf '%s\n' "$good_conf" >/etc/default/balance
+check "service balance start (before breaking the configuration)" service balance start
+sup1=$(cat /run/balance/ci_rr.pid 2>/dev/null || echo 0)
+sup2=$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)
+pids+=("$sup1" "$sup2")
+printf '%s\nBALANCE_ARGS_broken="unclosed\n' "$good_conf" >/etc/default/balance
+check "with a syntax error in /etc/default/balance: start 6" [ "$(rc_of service balance start)" -eq 6 ]
+check "with a syntax error: status 4 (unknown)" [ "$(rc_of service balance status)" -eq 4 ]
+check "with a syntax error: stop still stops every daemon" stops_both service balance stop
+printf '%s\n' "$good_conf" >/etc/default/balance
+
 # --- removal -----------------------------------------------------------------------
+# Daemons still running when the package goes (a policy-rc.d may keep prerm from
+# stopping them) can be stopped afterwards with the init script, which stays until purge
+# (not executable: debhelper's postrm takes the x bit away).
+check "service balance start (before removal)" service balance start
+sup1=$(cat /run/balance/ci_rr.pid 2>/dev/null || echo 0)
+sup2=$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)
+pids+=("$sup1" "$sup2")
 check "dpkg -r" dpkg -r balance
+check "after dpkg -r, sh /etc/init.d/balance stop stops every daemon" \
+    stops_both sh /etc/init.d/balance stop
+check "and removes /run/balance" test ! -e /run/balance
+
 check "dpkg -r removed /usr/sbin/balance" test ! -e /usr/sbin/balance
 check "dpkg -r kept the conffile /etc/default/balance" test -e /etc/default/balance
 check "dpkg -P" dpkg -P balance

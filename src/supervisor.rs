@@ -127,12 +127,7 @@ fn supervise(
     boot: bootstrap::Boot,
     launcher: Option<&OwnedFd>,
 ) -> Result<(), Fatal> {
-    // Until the event loop runs (and removes it on the way out), a failure removes the
-    // table itself: a start that failed must not leave it behind.
-    let abandon = |e: Fatal| {
-        boot.remove_table();
-        e
-    };
+    // A start that fails must leave neither the table nor (once written) the pid file.
     if let Some(path) = &args.pidfile {
         write_pid_file(path)
             .map_err(|e| {
@@ -141,14 +136,12 @@ fn supervise(
                     format!("cannot write pid file {}: {e}", path.display()),
                 )
             })
-            .map_err(abandon)?;
+            .inspect_err(|_| boot.remove_files(None))?;
     }
-    // Later, our pid file goes too.
+    let pidfile = args.pidfile.as_deref();
     let abandon = |e: Fatal| {
-        if let Some(path) = &args.pidfile {
-            let _ = std::fs::remove_file(path);
-        }
-        abandon(e)
+        boot.remove_files(pidfile);
+        e
     };
     boot.table
         .header()
@@ -233,12 +226,7 @@ fn supervise(
         .enable_all()
         .build()
         .map_err(|e| Fatal::new(EX_OSERR, format!("cannot start the event loop: {e}")))
-        .inspect_err(|_| {
-            sup.boot.remove_table();
-            if let Some(path) = &args.pidfile {
-                let _ = std::fs::remove_file(path);
-            }
-        })?;
+        .inspect_err(|_| sup.boot.remove_files(pidfile))?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let signals = (
@@ -273,7 +261,7 @@ fn supervise(
         .unwrap_or_else(|_| Err("workers did not become ready in time".into()));
         if let Err(e) = started {
             stop_workers(&sup, slots).await;
-            sup.boot.remove_table();
+            sup.boot.remove_files(pidfile);
             return Err(Fatal::new(EX_SOFTWARE, format!("balance: {e}")));
         }
         if let Some(pipe) = launcher {
@@ -295,10 +283,7 @@ fn supervise(
         };
         sup.log(Priority::Notice, format!("shutting down ({reason})"));
         stop_workers(&sup, slots).await;
-        sup.boot.remove_table();
-        if let Some(path) = &args.pidfile {
-            let _ = std::fs::remove_file(path);
-        }
+        sup.boot.remove_files(pidfile);
         if sup.pool.dead_slots.get() >= workers {
             sup.log(
                 Priority::Critical,

@@ -362,6 +362,37 @@ fn a_pool_that_cannot_run_ends_balance_with_an_error() {
     assert!(!b.table_path().exists(), "table removed on the way out");
 }
 
+/// A start whose workers never come up ends with exit 70 and leaves neither the table nor
+/// the pid file behind (the pid file used to stay, so an init script took the instance
+/// for dead but started).
+#[test]
+fn a_start_whose_workers_never_come_up_leaves_no_files() {
+    if !require_root() {
+        return;
+    }
+    // One process of user nobody at most: the supervisor itself, so no worker can be forked.
+    let run = temp_dir("noworkers").join("run");
+    let out = Command::new("prlimit")
+        .args(["--nproc=1:1", "--"])
+        .arg(env!("CARGO_BIN_EXE_balance"))
+        .args(["-f", "--user", "nobody", "--workers", "1", "--run-dir"])
+        .arg(&run)
+        .arg("--pidfile")
+        .arg(run.join("balance.pid"))
+        .args(["-b", "127.0.0.1", &free_port().to_string(), "127.0.0.1:1"])
+        .output_within(COMMAND_LIMIT)
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(70), "{err}");
+    assert!(err.contains("keeps dying at start-up"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&run)
+        .expect("run directory")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "a failed start leaves {left:?}");
+}
+
 #[test]
 fn workers_exit_when_the_supervisor_is_killed() {
     if !require_root() {

@@ -68,14 +68,18 @@ pub struct Boot {
 }
 
 impl Boot {
-    /// Removes the table file (clean shutdown). Works after the privilege drop because the
-    /// run directory belongs to the service user and we hold a descriptor on it.
-    pub fn remove_table(&self) {
+    /// Removes the table file and `pidfile` (shutdown, or a start that failed). The table
+    /// goes after the privilege drop too, because the run directory belongs to the service
+    /// user and we hold a descriptor on it; the pid file only where that user may remove it.
+    pub fn remove_files(&self, pidfile: Option<&Path>) {
         let _ = nix::unistd::unlinkat(
             &self.run_dir,
             self.table_name.as_str(),
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
+        if let Some(path) = pidfile {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
