@@ -297,7 +297,14 @@ BALANCE_INSTANCES="ci_rr ci_bound"
 BALANCE_ARGS_ci_rr="--workers 2 $p1 127.0.0.1:$b1 127.0.0.1:$b2"
 BALANCE_ARGS_ci_bound="-b 127.0.0.1 $p2 127.0.0.1:$b2"
 CONF
-check "service balance start" service balance start
+# What balance says while starting (here: no /dev/log) comes after the progress line.
+starts_cleanly() {
+    local out
+    out=$(service balance start 2>&1) || { echo "$out"; return 1; }
+    [ "$(head -n 1 <<<"$out")" = "Starting TCP load balancer: balance ci_rr ci_bound." ] ||
+        { echo "$out"; return 1; }
+}
+check "service balance start, its progress line whole" starts_cleanly
 check "pidfiles /run/balance/ci_rr.pid and ci_bound.pid" \
     test -s /run/balance/ci_rr.pid -a -s /run/balance/ci_bound.pid
 check "/run/balance is balance:balance 0750" \
