@@ -380,6 +380,11 @@ for bad in "--pidfile /tmp/other.pid" "-f" "-af" "-c show"; do
     check "BALANCE_ARGS with $bad: start refuses (6) and starts nothing" refuses_to_start
     service balance stop >/dev/null 2>&1 || true
 done
+printf 'BALANCE_INSTANCES="ci_rr"\nBALANCE_ARGS_ci_rr="-b 127.0.0.1 %s 127.0.0.1:%s"\n' \
+    "$b1" "$b2" >/etc/default/balance
+check "a start that fails (port $b1 taken) is 1 and leaves no /run/balance" \
+    bash -c "[ \$(timeout 60 service balance start >/dev/null 2>&1; echo \$?) -eq 1 ] &&
+        [ ! -e /run/balance ]"
 printf '%s\n' "$good_conf" >/etc/default/balance
 check "service balance start (before breaking the configuration)" service balance start
 sup1=$(cat /run/balance/ci_rr.pid 2>/dev/null || echo 0)
