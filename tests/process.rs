@@ -500,11 +500,7 @@ fn a_link_at_the_pid_file_is_not_followed() {
             "secret\n",
             "written through {planted:?}"
         );
-        let left: Vec<_> = std::fs::read_dir(dir.join("run"))
-            .expect("run directory")
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
+        let left = dir_entries(&dir.join("run"));
         assert!(left.is_empty(), "a failed start leaves {left:?}");
     }
 }

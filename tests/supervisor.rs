@@ -318,9 +318,7 @@ fn a_stop_during_start_up_stops_cleanly() {
             child.wait().expect("wait")
         });
         assert_eq!(status.code(), Some(0), "{sig:?}: {status:?}");
-        let left: Vec<_> = std::fs::read_dir(&run_dir)
-            .map(|d| d.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
+        let left = dir_entries(&run_dir);
         assert!(left.is_empty(), "{sig:?}: left behind {left:?}");
     }
 }
@@ -385,11 +383,7 @@ fn a_start_whose_workers_never_come_up_leaves_no_files() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(70), "{err}");
     assert!(err.contains("keeps dying at start-up"), "{err}");
-    let left: Vec<_> = std::fs::read_dir(&run)
-        .expect("run directory")
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let left = dir_entries(&run);
     assert!(left.is_empty(), "a failed start leaves {left:?}");
 }
 

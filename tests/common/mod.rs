@@ -534,6 +534,13 @@ pub fn worker_pids(pid: u32) -> Vec<u32> {
     out
 }
 
+/// The names in a directory (none when it does not exist).
+pub fn dir_entries(dir: &Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default()
+}
+
 /// (state, ppid) from /proc/PID/stat.
 pub fn proc_state(pid: u32) -> Option<(char, u32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
