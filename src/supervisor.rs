@@ -157,14 +157,12 @@ fn supervise(
     }
     match &boot.account {
         Some(account) => {
-            crate::sandbox::drop_privileges(account)
-                .map_err(|e| {
-                    Fatal::new(
-                        EX_OSERR,
-                        format!("cannot drop privileges to {}: {e}", account.name),
-                    )
-                })
-                .map_err(abandon)?;
+            crate::sandbox::drop_privileges(account).map_err(|e| {
+                abandon(Fatal::new(
+                    EX_OSERR,
+                    format!("cannot drop privileges to {}: {e}", account.name),
+                ))
+            })?;
             logger.log(
                 Priority::Notice,
                 &format!(
@@ -190,11 +188,12 @@ fn supervise(
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .clamp(1, MAX_POOL);
     let ports = channel_ports(&boot.table);
-    let last_seen = boot
-        .table
-        .snapshot()
-        .ok_or_else(|| Fatal::new(EX_SOFTWARE, "balance: the new table is inconsistent"))
-        .map_err(abandon)?;
+    let last_seen = boot.table.snapshot().ok_or_else(|| {
+        abandon(Fatal::new(
+            EX_SOFTWARE,
+            "balance: the new table is inconsistent",
+        ))
+    })?;
     let generation = boot.table.header().generation.load(Ordering::Relaxed);
     let sup = Rc::new(Supervisor {
         template: WorkerConfig {

@@ -408,9 +408,7 @@ impl Session<'_> {
             .ok_or_else(|| rejected("no channel slots available"))?;
         let mut event = self.event(cmd, None, "-", addr.to_string());
         event.channel = Some(c);
-        let mut reply = Reply::changed("channel created\n", event);
-        reply.port = Some(addr.port());
-        Ok(reply)
+        Ok(Reply::changed("channel created\n", event).awaiting(addr.port()))
     }
 
     /// Checks in the original's order: the channel exists, the address resolves, the channel
@@ -438,7 +436,7 @@ impl Session<'_> {
             }
         })?;
         let old = old.map_err(rejected)?;
-        let mut reply = Reply::changed(
+        Ok(Reply::changed(
             "channel reassigned\n",
             self.event(
                 cmd,
@@ -446,9 +444,8 @@ impl Session<'_> {
                 old.map_or_else(|| "-".to_string(), |a| a.to_string()),
                 addr.to_string(),
             ),
-        );
-        reply.port = Some(addr.port());
-        Ok(reply)
+        )
+        .awaiting(addr.port()))
     }
 
     /// Checks `mrtg-*` arguments against the named group (the original checked the channel

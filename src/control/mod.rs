@@ -117,6 +117,14 @@ impl Reply {
         }
     }
 
+    /// The same reply, waiting until the workers admit `port` (see [`Reply::port`]).
+    fn awaiting(self, port: u16) -> Reply {
+        Reply {
+            port: Some(port),
+            ..self
+        }
+    }
+
     fn quit(text: String) -> Reply {
         Reply {
             text,

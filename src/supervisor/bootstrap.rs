@@ -355,28 +355,19 @@ fn prepare_run_dir(
             .map_err(|e| unavailable(e.desc().to_string()))?;
     }
     if let Some(a) = account {
-        let regroup = st.st_gid != group.as_raw() && {
-            let shared = serves_another_instance(path);
-            if shared {
-                warnings.push(format!(
-                    "run directory {} belongs to group {} of another running instance: \
-                     members of the control group (gid {group}) cannot reach this table; \
-                     give instances that share a run directory the same --control-group, \
-                     or each its own --run-dir",
-                    path.display(),
-                    st.st_gid
-                ));
-            }
-            !shared
-        };
-        if st.st_uid != a.uid.as_raw() || regroup {
-            let group = if regroup {
-                group
-            } else {
-                Gid::from_raw(st.st_gid)
-            };
-            fchown(&dir, Some(a.uid), Some(group))
-                .map_err(|e| unavailable(e.desc().to_string()))?;
+        let mut gid = group;
+        if st.st_gid != group.as_raw() && serves_another_instance(path) {
+            gid = Gid::from_raw(st.st_gid);
+            warnings.push(format!(
+                "run directory {} belongs to group {gid} of another running instance: \
+                 members of the control group (gid {group}) cannot reach this table; \
+                 give instances that share a run directory the same --control-group, \
+                 or each its own --run-dir",
+                path.display(),
+            ));
+        }
+        if (st.st_uid, st.st_gid) != (a.uid.as_raw(), gid.as_raw()) {
+            fchown(&dir, Some(a.uid), Some(gid)).map_err(|e| unavailable(e.desc().to_string()))?;
         }
     }
     Ok(dir)
