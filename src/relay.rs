@@ -178,6 +178,9 @@ pub struct Flow {
     /// last of it at once (the close waits for the destination's acknowledgement), and the
     /// dump ends with -1.
     source_failed: bool,
+    /// The destination failed: what the source sends is read and dropped (see
+    /// [`Flow::abandon`]).
+    discarding: bool,
     /// Bytes moved so far.
     pub bytes: u64,
 }
@@ -188,11 +191,14 @@ impl Flow {
     }
 
     /// Gives this direction up (its destination failed): what is pending for it is
-    /// dropped, and nothing more is read for it.
+    /// dropped, and from now on what its source sends is read and dropped too, so that a
+    /// source that writes before it reads (a client sending its whole body before reading
+    /// the answer) gets on to reading what the other direction still owes it. Dropped
+    /// bytes are neither counted nor progress.
     pub fn abandon(&mut self) {
         self.pending = Pending::Nothing;
-        self.eof = true;
         self.done = true;
+        self.discarding = true;
     }
 
     /// Marks this direction's source as failed: it is read to its end, and what it sent is
@@ -266,6 +272,9 @@ pub fn pump<S: AsFd>(
             state: State::Waiting,
         })
     };
+    if flow.discarding {
+        return discard(flow, src, spares);
+    }
     for _ in 0..BUDGET {
         // What the destination could not take last time goes first.
         if !flush(&mut flow.pending, dst.socket, dst.ready, spares, &mut moved)
@@ -319,6 +328,37 @@ pub fn pump<S: AsFd>(
     }
     Ok(Pumped {
         moved,
+        state: State::Busy,
+    })
+}
+
+/// Reads and drops what the source of an abandoned direction sends, up to its end or the
+/// budget. `MSG_TRUNC` makes the kernel drop TCP data without copying it (tcp(7)), so the
+/// scratch buffer only sets how much one call drops.
+fn discard<S: AsFd>(
+    flow: &mut Flow,
+    src: End<'_, S>,
+    spares: &mut Spares,
+) -> Result<Pumped, Failure> {
+    let drop_at_most = spares.scratch.len();
+    for _ in 0..BUDGET {
+        if flow.eof || !src.ready.can_read() {
+            return Ok(Pumped {
+                moved: false,
+                state: State::Waiting,
+            });
+        }
+        let fd = src.socket.as_fd().as_raw_fd();
+        match nix::sys::socket::recv(fd, &mut spares.scratch, MsgFlags::MSG_TRUNC) {
+            Ok(0) => flow.eof = true,
+            Ok(n) if n < drop_at_most => src.ready.readable = false,
+            Ok(_) => {}
+            Err(Errno::EAGAIN | Errno::EINTR) => src.ready.readable = false,
+            Err(e) => return Err(failed_at(Side::Source)(e.into())),
+        }
+    }
+    Ok(Pumped {
+        moved: false,
         state: State::Busy,
     })
 }

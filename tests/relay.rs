@@ -609,3 +609,68 @@ fn a_reset_ends_the_connection_when_the_other_side_takes_nothing() {
     let (_, ended) = read_to_end_or_reset(&mut backend);
     assert_eq!(ended, "reset");
 }
+
+/// When one side resets while the other is blocked writing towards it (an HTTP client that
+/// sends its whole body before reading the answer, a backend that sends its whole reply
+/// before reading the request), balance takes and drops what the survivor writes for the
+/// side that is gone, so that the survivor gets on to reading what it is owed, then the
+/// reset; without that, both wait until `ABORT_STALL` and the survivor loses it all.
+#[test]
+fn a_survivor_that_writes_before_it_reads_still_gets_what_it_is_owed() {
+    if !require_root() {
+        return;
+    }
+    for backend_fails in [false, true] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let (b, _worker) = one_worker_in_front_of(&listener);
+        let client = TcpStream::connect(b.addr()).expect("connect");
+        let (backend, _) = listener.accept().expect("accept");
+        let (mut failing, mut survivor) = if backend_fails {
+            (backend, client)
+        } else {
+            (client, backend)
+        };
+        // Both ways full: the failing side's upload waits in balance for a survivor that
+        // is busy writing, and the survivor's writes wait for a side that does not read.
+        let uploaded = write_until_stalled(&mut failing, 256 * MIB);
+        assert!(uploaded < 256 * MIB, "the upload never stalled");
+        let answered = write_until_stalled(&mut survivor, 256 * MIB);
+        assert!(answered < 256 * MIB, "the answer never stalled");
+        // What the failing side's kernel still holds is lost with its reset.
+        let mut queued = unacknowledged(&failing);
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = unacknowledged(&failing);
+            if now == queued {
+                break;
+            }
+            queued = now;
+        }
+        let reached_balance = uploaded - queued;
+        let reset_at = Instant::now();
+        reset(failing);
+        // The survivor finishes writing (4 MiB more than fits anywhere), then reads.
+        survivor.set_nonblocking(false).expect("blocking");
+        survivor
+            .set_write_timeout(Some(ABORT_STALL - Duration::from_secs(2)))
+            .expect("timeout");
+        let side = if backend_fails { "client" } else { "backend" };
+        if let Err(e) = survivor.write_all(&vec![9u8; 4 * MIB]) {
+            panic!(
+                "the {side}'s writes stalled after the reset ({e}, {:?})",
+                reset_at.elapsed()
+            );
+        }
+        let (got, ended) = read_to_end_or_reset(&mut survivor);
+        assert_eq!(
+            (got, ended),
+            (reached_balance, "reset"),
+            "what the {side} read, and how it ended"
+        );
+        assert!(
+            reset_at.elapsed() < ABORT_STALL,
+            "the {side} waited {:?}",
+            reset_at.elapsed()
+        );
+    }
+}

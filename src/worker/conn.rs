@@ -564,7 +564,7 @@ impl Worker {
     }
 
     /// One side of a relayed connection failed (true: the backend): the direction towards
-    /// it is given up, and the other goes on until what the failed side sent is delivered
+    /// it is given up (what the survivor sends for it is dropped), and the other goes on until what the failed side sent is delivered
     /// (or the survivor takes nothing for [`ABORT_STALL`]); the close then resets the
     /// survivor. False when the connection is closed instead: the survivor failed too.
     fn abort(&mut self, i: usize, backend: bool, error: io::Error) -> bool {
