@@ -132,6 +132,11 @@ pub struct Readiness {
     pub writable: bool,
     pub read_closed: bool,
     pub error: bool,
+    /// The peer has sent TCP urgent data (EPOLLPRI), for the rest of the connection: reads
+    /// stop at the urgent mark, so a short read no longer means the socket is empty, and
+    /// `splice` cannot get past the mark at all. Such a direction is copied, and read until
+    /// a read finds nothing. (The urgent byte itself is dropped, as by the original 3.54.)
+    pub urgent: bool,
 }
 
 impl Readiness {
@@ -301,7 +306,7 @@ pub fn pump<S: AsFd>(
             return waiting(moved);
         }
         // Without a pipe (not bulk, -p, or no descriptor left for one) the chunk is copied.
-        let pipe = if flow.bulk && dump.is_none() {
+        let pipe = if flow.bulk && dump.is_none() && !src.ready.urgent {
             spares.take_unless_short()
         } else {
             None
@@ -532,7 +537,9 @@ fn copy(
         return Ok(Some(0));
     }
     let mut flags = MsgFlags::MSG_NOSIGNAL;
-    if n < want {
+    if n < want && src_ready.urgent {
+        // Perhaps only stopped at the urgent mark: read on until a read finds nothing.
+    } else if n < want {
         // A short read emptied the socket: the next data brings a new event.
         src_ready.readable = false;
         if src_ready.read_closed && !src_ready.error && !flow.source_failed && dump.is_none() {

@@ -431,6 +431,7 @@ impl Worker {
                 writable: ev.is_writable(),
                 read_closed: ev.is_read_closed(),
                 error: ev.is_error(),
+                urgent: ev.is_priority(),
             };
             self.on_socket_event((token - CONN_BASE) / 2, token % 2 == 1, ready);
         } else if token == CHANNEL.0 {

@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::sys::socket::{sockopt, MsgFlags};
 
 const MIB: usize = 1024 * 1024;
 
@@ -672,5 +673,64 @@ fn a_survivor_that_writes_before_it_reads_still_gets_what_it_is_owed() {
             "the {side} waited {:?}",
             reset_at.elapsed()
         );
+    }
+}
+
+/// TCP urgent data (telnet's interrupt, FTP's abort): a read stops at the urgent mark, so
+/// the bytes after it must not be taken for the end of the stream or left waiting for more.
+/// The urgent byte itself is dropped, as by the original 3.54.
+#[test]
+fn data_after_urgent_data_is_relayed() {
+    if !require_root() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (b, _worker) = one_worker_in_front_of(&listener);
+    // Also on a bulk direction, which moves with splice: splice cannot pass the mark.
+    for (close_after, bulk) in [(false, false), (true, false), (false, true)] {
+        for round in 0..5 {
+            let mut client = TcpStream::connect(b.addr()).expect("connect");
+            let (mut backend, _) = listener.accept().expect("accept");
+            backend
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            if bulk {
+                client.write_all(&vec![1u8; MIB]).expect("bulk");
+                let mut first = vec![0u8; MIB];
+                backend.read_exact(&mut first).expect("bulk relayed");
+            }
+            // Corked, so that all of it (and the FIN) arrives before balance reads: its read
+            // then stops at the urgent mark, after "ab".
+            let cork = |conn: &TcpStream, on: bool| {
+                nix::sys::socket::setsockopt(conn, sockopt::TcpCork, &on).expect("TCP_CORK")
+            };
+            cork(&client, true);
+            client.write_all(b"ab").expect("ab");
+            nix::sys::socket::send(client.as_raw_fd(), b"c", MsgFlags::MSG_OOB).expect("urgent");
+            client.write_all(b"de").expect("de");
+            if close_after {
+                client.shutdown(Shutdown::Write).expect("shutdown");
+            }
+            cork(&client, false);
+            let mut got = Vec::new();
+            if close_after {
+                backend.read_to_end(&mut got).expect("read to the end");
+            } else {
+                // The client waits for an answer: nothing more comes to end a read.
+                let mut buf = [0u8; 16];
+                while got.len() < 4 {
+                    match backend.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) => panic!("round {round}: backend read after {got:?}: {e}"),
+                    }
+                }
+            }
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                "abde",
+                "round {round}, client closing: {close_after}, bulk first: {bulk}"
+            );
+        }
     }
 }

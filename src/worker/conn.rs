@@ -62,6 +62,12 @@ impl Abort {
     }
 }
 
+/// What epoll watches on both sockets of a connection (edge-triggered); PRIORITY says when
+/// the peer sent urgent data (see [`Readiness::urgent`]).
+const WATCHED: Interest = Interest::READABLE
+    .add(Interest::WRITABLE)
+    .add(Interest::PRIORITY);
+
 /// How long a connection whose other side failed waits for the survivor to take what it is
 /// still owed, without progress, before resetting it anyway: a peer that does not read
 /// must not hold the connection (and its place under maxc) for a side that is gone.
@@ -117,11 +123,11 @@ impl Worker {
                 self.conns.len() - 1
             }
         };
-        if let Err(e) = self.poll.registry().register(
-            &mut client,
-            Token(CONN_BASE + 2 * i),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut client, Token(CONN_BASE + 2 * i), WATCHED)
+        {
             self.debug(format_args!("cannot watch the connection from {peer}: {e}"));
             self.free.closed(i);
             return;
@@ -174,6 +180,7 @@ impl Worker {
         r.writable |= ev.writable;
         r.read_closed |= ev.read_closed;
         r.error |= ev.error;
+        r.urgent |= ev.urgent;
         self.drive(i);
     }
 
@@ -313,11 +320,9 @@ impl Worker {
                 )
             });
         }
-        self.poll.registry().register(
-            &mut stream,
-            Token(CONN_BASE + 2 * i + 1),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        self.poll
+            .registry()
+            .register(&mut stream, Token(CONN_BASE + 2 * i + 1), WATCHED)?;
         let deadline = self.now.checked_add(self.connect_timeout);
         let Some(Some(conn)) = self.conns.get_mut(i) else {
             return Ok(());
