@@ -21,7 +21,9 @@
 //!   `-5` and, in channels, `abc` (as port 0).
 //! * A channel's maxc must be a decimal number (the original turned `x` into 0).
 //! * Limits count channels, not separators: [`MAX_GROUPS`] groups of [`MAX_CHANNELS`].
-//! * IPv6 backends can be written, as `[addr]:port:maxc` or as a bare literal.
+//! * IPv6 backends can be written, as `[addr]:port:maxc` or as a bare literal where the
+//!   original's reading fails (`::1`, `2001:db8::5`); where it does not, it wins: `db1::5`
+//!   is host `db1` with maxc 5, as in the original.
 //! * `-b` is restricted to `[A-Za-z0-9._:-]`, because it becomes part of a file name.
 //! * `-M` is accepted and ignored: the table is always a file mapping.
 //! * Arguments must be valid UTF-8, and long options cannot be abbreviated.
@@ -54,7 +56,9 @@ one to a channel (a backend) chosen from the groups given on the command line.";
 
 const AFTER_HELP: &str = "\
 Channels:
-  A CHANNEL is host[:port[:maxc]], [ipv6-addr][:port[:maxc]] or a bare IPv6 address.
+  A CHANNEL is host[:port[:maxc]] or [ipv6-addr][:port[:maxc]]. A bare IPv6 address
+  is taken as one only if it cannot be read as host:port:maxc ('db1::5' is host db1
+  with maxc 5, 'fe80::1' is host fe80 with maxc 1): use brackets.
   An empty or missing port means PORT; ports may be numbers or service names.
   maxc caps the channel's concurrent connections; empty, missing or 0 means no cap.
   '!' ends a group and makes it round robin, '%' ends it and makes it a hash group
@@ -797,8 +801,33 @@ fn push_group(
     Ok(())
 }
 
-/// `host[:port[:maxc]]`, `[v6][:port[:maxc]]` or a bare IPv6 literal.
+/// `host[:port[:maxc]]`, `[v6][:port[:maxc]]`, or a bare IPv6 literal where the first
+/// reading fails. The original split at the first colon, so `db1::5` (host `db1`, maxc 5)
+/// must keep meaning what it meant, although it is an IPv6 address too.
 fn parse_channel(
+    operand: &str,
+    default_port: u16,
+    services: &Services,
+) -> Result<ChannelSpec, CliError> {
+    parse_fields(operand, default_port, services).or_else(|e| match is_bare_ipv6(operand) {
+        true => Ok(ChannelSpec {
+            host: operand.to_owned(),
+            port: default_port,
+            maxc: 0,
+            text: operand.to_owned(),
+        }),
+        false => Err(e),
+    })
+}
+
+/// An IPv6 literal without brackets, with an optional `%zone`.
+pub fn is_bare_ipv6(text: &str) -> bool {
+    let addr = text.split_once('%').map_or(text, |(addr, _zone)| addr);
+    addr.parse::<Ipv6Addr>().is_ok()
+}
+
+/// `host[:port[:maxc]]` or `[v6][:port[:maxc]]`.
+fn parse_fields(
     operand: &str,
     default_port: u16,
     services: &Services,
@@ -852,9 +881,6 @@ fn split_host(operand: &str) -> Result<(&str, Option<&str>), CliError> {
                 .map(|fields| (host, Some(fields)))
                 .ok_or_else(|| CliError::bad_address(operand)),
         };
-    }
-    if operand.parse::<Ipv6Addr>().is_ok() {
-        return Ok((operand, None));
     }
     Ok(match operand.split_once(':') {
         Some((host, fields)) => (host, Some(fields)),
@@ -1431,6 +1457,10 @@ http 80/tcp www
             "[fe80::2]::7",
             "::1",
             "2001:db8::5",
+            "fe80::1%lo",
+            "fe80::1",
+            "db1::5",
+            "cafe::",
         ]);
         let got: Vec<_> = p.groups[0]
             .channels
@@ -1445,7 +1475,12 @@ http 80/tcp www
                 ("::1", 81, 3),
                 ("fe80::2", 80, 7),
                 ("::1", 80, 0),
-                ("2001:db8::5", 80, 0)
+                ("2001:db8::5", 80, 0),
+                ("fe80::1%lo", 80, 0),
+                // Where the original's reading (split at the first colon) works, it wins.
+                ("fe80", 80, 1),
+                ("db1", 80, 5),
+                ("cafe", 80, 0),
             ]
         );
     }

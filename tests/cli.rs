@@ -96,6 +96,13 @@ fn ports_and_channels_are_validated_with_the_originals_codes() {
             65,
             "unknown or invalid address [224.0.0.1]",
         ),
+        // Read as host fe80 with maxc 1, as the original did; the message says how to
+        // write the IPv6 address.
+        (
+            &["-f", "8000", "fe80::1"][..],
+            65,
+            "unknown or invalid address [fe80] (for the IPv6 address, write [fe80::1])",
+        ),
     ] {
         let o = run(args);
         assert_eq!(o.status.code(), Some(code), "{args:?}: {}", stderr(&o));

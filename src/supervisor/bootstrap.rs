@@ -215,7 +215,13 @@ fn resolve_groups(args: &ProxyArgs) -> Result<Vec<InitialGroup>, Fatal> {
 }
 
 fn resolve_channel(spec: &ChannelSpec) -> Result<SocketAddr, Fatal> {
-    resolve_host(&spec.host, spec.port)
+    resolve_host(&spec.host, spec.port).map_err(|mut e| {
+        // `fe80::1` reads as host `fe80` with maxc 1, as in the original.
+        if spec.host != spec.text && crate::cli::is_bare_ipv6(&spec.text) {
+            e.message += &format!(" (for the IPv6 address, write [{}])", spec.text);
+        }
+        e
+    })
 }
 
 /// Resolves a host name or literal (IPv4, IPv6, or the classic inet_aton forms) to its first
