@@ -205,6 +205,37 @@ fn connect_timeout_fails_over_after_t_seconds() {
     );
 }
 
+/// A connection that fails over inside a round-robin group after a slow connect does not
+/// rewind the rotation that connections started meanwhile have moved on (the original's
+/// child did: reference §8.15); without such connections, a failover moves it on as the
+/// original did.
+#[test]
+fn a_failover_does_not_rewind_the_rotation() {
+    if !require_root() {
+        return;
+    }
+    let hole = Blackhole::start();
+    let backends: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(&format!("B{i}"), Behaviour::TagEcho))
+        .collect();
+    let mut ops = vec![hole.operand()];
+    ops.extend(backends.iter().map(Backend::operand));
+    let b = Balance::start_with(Start {
+        flags: &["-t", "1"],
+        operands: &ops,
+        workers: 1,
+        ..Start::default()
+    });
+    let addr = b.addr();
+    // The first connection waits a second on the black hole, then fails over to B1.
+    let slow = std::thread::spawn(move || greeting(addr));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(tags(&b, 2), ["B1", "B2"], "while the first one waits");
+    assert_eq!(slow.join().expect("first connection"), "B1");
+    // The rotation goes on after B2; the black hole's turn fails over to B1 and moves it on.
+    assert_eq!(tags(&b, 3), ["B3", "B1", "B2"]);
+}
+
 #[test]
 fn all_channels_failing_closes_the_client() {
     if !require_root() {

@@ -100,6 +100,8 @@ struct Connecting {
     deadline: Option<Instant>,
     /// When the connection was accepted (for `--log-connections`).
     started: Instant,
+    /// The round-robin group whose cursor this connection last moved, and where to.
+    moved_cursor: Option<(usize, u32)>,
 }
 
 /// Why a connection ended.
@@ -156,6 +158,7 @@ impl Worker {
                 next: 0,
                 deadline: None,
                 started: self.now,
+                moved_cursor: None,
             })),
             up: Flow::default(),
             down: Flow::default(),
@@ -226,9 +229,19 @@ impl Worker {
             };
             connecting.next += 1;
             let snap = Rc::clone(&connecting.snap);
+            let moved = connecting.moved_cursor;
             let Some(addr) = self.admit(&snap, g, c) else {
                 continue;
             };
+            if let Some(to) = self.move_cursor(&snap, g, c, moved) {
+                if let Some(Some(Conn {
+                    phase: Phase::Connecting(connecting),
+                    ..
+                })) = self.conns.get_mut(i)
+                {
+                    connecting.moved_cursor = Some((g, to));
+                }
+            }
             let mut attempt = self.start_attempt(i, g, c, addr);
             if let Err(e) = &attempt {
                 if relay::is_shortage(e) && self.free_descriptors(e) {
@@ -284,8 +297,8 @@ impl Worker {
         true
     }
 
-    /// Takes a place on channel (g, c) if its maxc allows, and moves a round-robin group's
-    /// cursor past it. The channel's address when it admitted the connection.
+    /// Takes a place on channel (g, c) if its maxc allows. The channel's address when it
+    /// admitted the connection.
     fn admit(&mut self, snap: &Snapshot, g: usize, c: usize) -> Option<SocketAddr> {
         let group = &snap.groups[g];
         let ch = &group.channels[c];
@@ -298,11 +311,37 @@ impl Worker {
             });
             return None;
         }
-        if group.kind == GroupKind::RoundRobin {
-            let next = ((c + 1) % group.channels.len()) as u32;
-            self.table.layout().cursors[g].store(next, Ordering::Relaxed);
-        }
         Some(addr)
+    }
+
+    /// Moves a round-robin group's cursor past channel c, which has just admitted the
+    /// connection; where to, when it did. `moved`: where this connection last moved a
+    /// cursor. A failover inside the group moves it only if no other connection has since:
+    /// the original's child set it regardless, rewinding the rotation that connections
+    /// started during a slow connect had moved on (reference §8.15).
+    fn move_cursor(
+        &self,
+        snap: &Snapshot,
+        g: usize,
+        c: usize,
+        moved: Option<(usize, u32)>,
+    ) -> Option<u32> {
+        let group = &snap.groups[g];
+        if group.kind != GroupKind::RoundRobin {
+            return None;
+        }
+        let next = ((c + 1) % group.channels.len()) as u32;
+        let cursor = &self.table.layout().cursors[g];
+        match moved {
+            Some((same, ours)) if same == g => cursor
+                .compare_exchange(ours, next, Ordering::Relaxed, Ordering::Relaxed)
+                .ok()
+                .map(|_| next),
+            _ => {
+                cursor.store(next, Ordering::Relaxed);
+                Some(next)
+            }
+        }
     }
 
     /// Starts a non-blocking connect to channel (g, c) at `addr`, whose place the connection
