@@ -7,7 +7,7 @@
 //! postcard value is rejected, and so is an unexpected number of descriptors.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{OwnedFd, RawFd};
 
 use sendfd::{RecvWithFd, SendWithFd};
@@ -51,8 +51,13 @@ pub enum Message {
     /// The worker is locked down and accepting. `landlock` says what the kernel could not
     /// enforce (None: everything).
     Ready { landlock: Option<String> },
-    /// `-a`: a connect to this channel failed; the supervisor disables it in the table.
-    Disable { group: u32, channel: u32 },
+    /// `-a`: a connect to this channel, at this address, failed; the supervisor disables it
+    /// in the table unless it has been given another address since.
+    Disable {
+        group: u32,
+        channel: u32,
+        addr: SocketAddr,
+    },
     /// A line for the log (syslog, or stderr in the foreground).
     Log { priority: Priority, text: String },
     /// The worker has stopped accepting (out of descriptors, or draining). Connections
@@ -239,6 +244,7 @@ mod tests {
         let msg = Message::Disable {
             group: 3,
             channel: 63,
+            addr: "[::1]:25".parse().expect("addr"),
         };
         let bytes = encode(&msg).expect("encode");
         assert_eq!(decode(&bytes).expect("decode"), msg);

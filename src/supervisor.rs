@@ -417,20 +417,28 @@ impl Supervisor {
         self.logger.borrow_mut().log(priority, &text);
     }
 
-    /// `-a`: disables a channel whose connect failed, under the table lock.
-    fn disable_channel(&self, group: usize, channel: usize) {
-        match self
-            .boot
-            .table
-            .update(|w| w.set_enabled(group, channel, false))
-        {
-            Ok(Some(true)) => {
-                let addr = self
-                    .boot
-                    .table
-                    .snapshot()
-                    .and_then(|s| s.groups.get(group)?.channels.get(channel)?.addr)
-                    .map_or_else(|| "?".to_string(), |a| a.to_string());
+    /// `-a`: disables a channel whose connect to `addr` failed, unless the channel has been
+    /// given another address meanwhile (an operator's `assign` after `disable` must not be
+    /// undone by an attempt that started before it).
+    fn disable_channel(&self, group: usize, channel: usize, addr: std::net::SocketAddr) {
+        let done = self.boot.table.update(|w| {
+            let now = w.config(group, channel)?.addr;
+            if now != Some(addr) {
+                return Some(Err(now));
+            }
+            w.set_enabled(group, channel, false).map(Ok)
+        });
+        match done {
+            Ok(Some(Err(now))) => {
+                let now = now.map_or_else(|| "none".to_string(), |a| a.to_string());
+                self.log(
+                    Priority::Notice,
+                    format!(
+                        "channel {channel} of group {group}: a connect to {addr} failed, but the channel is now {now}: left as it is"
+                    ),
+                );
+            }
+            Ok(Some(Ok(true))) => {
                 self.log(
                     Priority::Notice,
                     format!(

@@ -282,6 +282,10 @@ fn random_message(rng: &mut Rng) -> Message {
         3 => Message::Disable {
             group: rng.next() as u32 >> rng.below(32),
             channel: rng.next() as u32 >> rng.below(32),
+            addr: std::net::SocketAddr::new(
+                std::net::Ipv4Addr::from(rng.next() as u32).into(),
+                rng.next() as u16,
+            ),
         },
         4 => Message::StoppedAccepting,
         5 => Message::Accept,

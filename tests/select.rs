@@ -277,6 +277,50 @@ fn autodisable_marks_a_failed_channel_disabled() {
     );
 }
 
+/// `-a` does not disable a channel that the operator disabled, reassigned and enabled while
+/// a connect to its old address was still under way: the failure is about the old address.
+#[test]
+fn autodisable_leaves_a_channel_reassigned_since_the_attempt() {
+    if !require_root() {
+        return;
+    }
+    let hole = Blackhole::start();
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let b3 = Backend::start("B3", Behaviour::TagEcho);
+    let b = Balance::start_with(Start {
+        flags: &["-a", "-t", "2"],
+        operands: &[hole.operand(), b1.operand()],
+        workers: 1,
+        ..Start::default()
+    });
+    let addr = b.addr();
+    let slow = std::thread::spawn(move || greeting(addr));
+    std::thread::sleep(Duration::from_millis(300));
+    let b3_port = b3.operand().rsplit(':').next().expect("port").to_string();
+    for command in [
+        "disable 0".to_string(),
+        format!("assign 0 127.0.0.1 {b3_port}"),
+        "enable 0".to_string(),
+    ] {
+        let out = b.control(&command);
+        assert!(out.status.success(), "{command}: {out:?}");
+    }
+    assert_eq!(slow.join().expect("slow connection"), "B1", "failed over");
+    assert!(
+        b.logged("left as it is") || b.logged("disabled after a failed connect"),
+        "stderr:\n{}",
+        b.stderr()
+    );
+    let (_f, t) = table(&b.table_path());
+    let snap = t.snapshot().expect("snapshot");
+    assert!(
+        snap.groups[0].channels[0].enabled,
+        "stderr:\n{}",
+        b.stderr()
+    );
+    assert_eq!(tags(&b, 2), ["B3", "B1"]);
+}
+
 #[test]
 fn source_address_is_used_for_backend_connections() {
     if !require_root() {

@@ -698,7 +698,11 @@ fn handle_message(
             sup.log(priority, format!("worker {slot}: {text}"));
             true
         }
-        Message::Disable { group, channel } => {
+        Message::Disable {
+            group,
+            channel,
+            addr,
+        } => {
             if !sup.template.autodisable || group as usize >= MAX_GROUPS {
                 sup.log(
                     Priority::Error,
@@ -708,7 +712,7 @@ fn handle_message(
                 );
                 return false;
             }
-            sup.disable_channel(group as usize, channel as usize);
+            sup.disable_channel(group as usize, channel as usize, addr);
             true
         }
         Message::StoppedAccepting => {

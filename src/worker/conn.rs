@@ -416,10 +416,11 @@ impl Worker {
             };
             format!("connection failed group {g} channel {c} ({addr}): {reason}; {next}")
         });
-        if self.config.autodisable && blame {
+        if let (true, true, Some(addr)) = (self.config.autodisable, blame, addr) {
             self.notify(Message::Disable {
                 group: g as u32,
                 channel: c as u32,
+                addr,
             });
         }
     }
