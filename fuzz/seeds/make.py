@@ -68,7 +68,8 @@ MESSAGES = {
     "drain": varint(1),
     "ready": varint(2) + b"\x00",
     "ready-landlock": varint(2) + b"\x01" + text("landlock ABI 1 only"),
-    "disable": varint(3) + varint(3) + varint(63),
+    "disable": varint(3) + varint(3) + varint(63) + varint(0) + bytes([127, 0, 0, 1])
+               + varint(8001),
     "log": varint(4) + varint(1) + text("connection failed group 0 channel 1"),
     "stopped-accepting": varint(5),
     "accept": varint(6),
