@@ -35,6 +35,12 @@ use std::path::{Path, PathBuf};
 pub use crate::table::{GroupKind, MAX_CHANNELS, MAX_GROUPS};
 /// Seconds a backend connect may take when `-t` is not given.
 pub const DEFAULT_CONNECT_TIMEOUT: u64 = 5;
+/// Seconds a connection that one side has ended may stay idle when
+/// `--half-close-timeout` is not given. The original closed both sides at the first end
+/// of stream; half-close is passed on here, and this keeps a peer that never answers it
+/// (a backend ignoring the client's FIN) from holding the connection, and its place under
+/// maxc, for ever.
+pub const DEFAULT_HALF_CLOSE_TIMEOUT: u64 = 60;
 
 const DEFAULT_RUN_DIR: &str = "/run/balance";
 const DEFAULT_USER: &str = "balance";
@@ -151,6 +157,9 @@ pub struct ProxyArgs {
     pub connect_timeout: u64,
     /// `-T SEC`: drop a relay idle this long; `None` (absent or 0) never does.
     pub idle_timeout: Option<u64>,
+    /// `--half-close-timeout SEC`: drop a relay that one side has ended once idle this
+    /// long; `None` (0) never does.
+    pub half_close_timeout: Option<u64>,
     /// `-f`: stay in the foreground.
     pub foreground: bool,
     /// `-p`: dump relayed data on stdout.
@@ -353,6 +362,7 @@ enum Opt {
     Dump,
     ConnectTimeout,
     IdleTimeout,
+    HalfCloseTimeout,
     Ipv6,
     User,
     Workers,
@@ -430,6 +440,7 @@ const OPTIONS: &[OptSpec] = &[
     short(Opt::ConnectTimeout, "t", Some("SEC"), "Connect timeout per channel, 1 to 2147483647 [default: 5]"),
     short(Opt::IdleTimeout, "T", Some("SEC"), "Drop connections idle for SEC seconds, 0: never [default: 0]"),
     short(Opt::Ipv6, "6", None, "Listen on IPv6, dual stack (IPv4 clients are accepted too)"),
+    long(Opt::HalfCloseTimeout, "half-close-timeout", Some("SEC"), "Drop connections one side has ended once idle for SEC seconds, 0: never [default: 60]"),
     long(Opt::User, "user", Some("NAME"), "Run the supervisor and workers as user NAME [default: balance]"),
     long(Opt::Workers, "workers", Some("N"), "Number of workers, 1 to 32 [default: one per CPU]"),
     long(Opt::Pidfile, "pidfile", Some("PATH"), "Write the supervisor's process id to PATH"),
@@ -567,6 +578,7 @@ struct Flags {
     source: Option<String>,
     connect_timeout: u64,
     idle_timeout: Option<u64>,
+    half_close_timeout: Option<u64>,
     foreground: bool,
     dump: bool,
     hash_failover: bool,
@@ -601,9 +613,14 @@ impl Flags {
                 .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             idle_timeout: m
                 .value(Opt::IdleTimeout)
-                .map(idle_timeout)
+                .map(|v| seconds_or_never(v, "-T"))
                 .transpose()?
                 .flatten(),
+            half_close_timeout: m
+                .value(Opt::HalfCloseTimeout)
+                .map(|v| seconds_or_never(v, "--half-close-timeout"))
+                .transpose()?
+                .unwrap_or(Some(DEFAULT_HALF_CLOSE_TIMEOUT)),
             foreground: m.has(Opt::Foreground),
             dump: m.has(Opt::Dump),
             hash_failover: m.has(Opt::HashFailover),
@@ -663,13 +680,13 @@ fn connect_timeout(value: &str) -> Result<u64, CliError> {
         })
 }
 
-/// `-T`: whole seconds; 0 means no idle timeout.
-fn idle_timeout(value: &str) -> Result<Option<u64>, CliError> {
+/// `-T`, `--half-close-timeout`: whole seconds; 0 means no timeout.
+fn seconds_or_never(value: &str, option: &str) -> Result<Option<u64>, CliError> {
     let seconds = decimal(value)
         .filter(|&s| s <= MAX_SECONDS)
         .ok_or_else(|| {
             CliError::usage(format!(
-                "invalid -T value '{value}': need whole seconds up to {MAX_SECONDS}, 0 for none"
+                "invalid {option} value '{value}': need whole seconds up to {MAX_SECONDS}, 0 for none"
             ))
         })?;
     Ok(Some(seconds).filter(|&s| s > 0))
@@ -738,6 +755,7 @@ fn proxy_args(
         source: flags.source,
         connect_timeout: flags.connect_timeout,
         idle_timeout: flags.idle_timeout,
+        half_close_timeout: flags.half_close_timeout,
         foreground: flags.foreground,
         dump: flags.dump,
         hash_failover: flags.hash_failover,
@@ -1331,6 +1349,23 @@ http 80/tcp www
                 &format!("invalid -t value '{bad}': need whole seconds, 1 to 2147483647"),
             );
         }
+    }
+
+    #[test]
+    fn half_close_timeout_defaults_to_a_minute_and_zero_means_none() {
+        assert_eq!(proxy(&["80"]).half_close_timeout, Some(60));
+        assert_eq!(
+            proxy(&["--half-close-timeout", "0", "80"]).half_close_timeout,
+            None
+        );
+        assert_eq!(
+            proxy(&["--half-close-timeout=5", "80"]).half_close_timeout,
+            Some(5)
+        );
+        assert_usage(
+            &["--half-close-timeout", "-1", "80"],
+            "invalid --half-close-timeout value '-1': need whole seconds up to 2147483647, 0 for none",
+        );
     }
 
     #[test]

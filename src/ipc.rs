@@ -27,6 +27,7 @@ pub struct WorkerConfig {
     pub listeners: u32,
     pub connect_timeout_secs: u64,
     pub idle_timeout_secs: Option<u64>,
+    pub half_close_timeout_secs: Option<u64>,
     pub autodisable: bool,
     pub hash_failover: bool,
     /// `-B`, already resolved by the bootstrap (workers never resolve names).

@@ -202,6 +202,7 @@ fn supervise(
             connect_ports: Vec::new(),
             connect_timeout_secs: args.connect_timeout,
             idle_timeout_secs: args.idle_timeout,
+            half_close_timeout_secs: args.half_close_timeout,
             autodisable: args.autodisable,
             hash_failover: args.hash_failover,
             source: boot.source,

@@ -141,6 +141,7 @@ pub fn run() -> Result<(), WorkerError> {
         row: config.row as usize,
         connect_timeout: Duration::from_secs(config.connect_timeout_secs),
         idle_timeout: config.idle_timeout_secs.map(Duration::from_secs),
+        half_close_timeout: config.half_close_timeout_secs.map(Duration::from_secs),
         config,
         table,
         channel,
@@ -249,6 +250,9 @@ enum TimerKind {
     /// A side has failed: check that the survivor still takes what it is owed; pushed
     /// again while it does.
     Stall,
+    /// One side has ended its direction: check for `--half-close-timeout`; pushed again for
+    /// the new deadline while there is traffic.
+    HalfClosed,
 }
 
 /// The notices that are throttled.
@@ -352,6 +356,7 @@ struct Worker {
     row: usize,
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
+    half_close_timeout: Option<Duration>,
     table: Table,
     channel: UnixDatagram,
     /// Emptied when draining.

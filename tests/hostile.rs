@@ -263,6 +263,7 @@ fn random_message(rng: &mut Rng) -> Message {
             listeners: rng.below(3) as u32,
             connect_timeout_secs: rng.next() >> rng.below(64),
             idle_timeout_secs: rng.chance(2).then(|| rng.next()),
+            half_close_timeout_secs: rng.chance(2).then(|| rng.next()),
             autodisable: rng.chance(2),
             hash_failover: rng.chance(2),
             source: match rng.below(3) {

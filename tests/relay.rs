@@ -734,3 +734,64 @@ fn data_after_urgent_data_is_relayed() {
         }
     }
 }
+
+/// A connection that one side has ended is closed once nothing moves for
+/// `--half-close-timeout` (here 1 s), so that a backend that never answers a client's FIN
+/// does not hold it for ever; while data still flows the other way, it stays open.
+#[test]
+fn a_half_closed_connection_ends_after_the_half_close_timeout() {
+    if !require_root() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let operand = listener.local_addr().expect("addr").to_string();
+    let b = Balance::start_with(Start {
+        flags: &["--half-close-timeout", "1"],
+        operands: &[operand],
+        workers: 1,
+        ..Start::default()
+    });
+    let worker = b.workers()[0];
+    let baseline = fds_of_kind(worker, "socket:");
+    let mut client = TcpStream::connect(b.addr()).expect("connect");
+    let (mut backend, _) = listener.accept().expect("accept");
+    client.write_all(b"request").expect("request");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    let mut request = Vec::new();
+    backend
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    backend
+        .read_to_end(&mut request)
+        .expect("request and its end");
+    assert_eq!(request, b"request");
+    // The backend answers slowly for 2 s: every gap is shorter than the timeout.
+    let started = Instant::now();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(250));
+        backend.write_all(b"x").expect("slow answer");
+    }
+    // Then it goes quiet without closing: balance ends the connection a second later.
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).expect("answer and its end");
+    assert_eq!(answer, b"xxxxxxxx");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(5),
+        "ended after {took:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || fds_of_kind(worker, "socket:")
+            == baseline),
+        "balance still holds the connection"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(
+        backend.read_to_end(&mut rest).expect("end"),
+        0,
+        "the backend sees the end"
+    );
+}

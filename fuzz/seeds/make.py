@@ -58,9 +58,9 @@ def text(s):
 
 # Postcard encodings of ipc::Message: the variant index, then the fields in order.
 START_V4 = (varint(0) + varint(3) + varint(2) + varint(5) + b"\x01" + varint(300)
-            + b"\x00" + b"\x01" + b"\x01" + varint(0) + bytes([127, 0, 0, 1]) + b"\x01"
+            + b"\x01" + varint(60) + b"\x00" + b"\x01" + b"\x01" + varint(0) + bytes([127, 0, 0, 1]) + b"\x01"
             + b"\x00" + b"\x01" + varint(3) + varint(8001) + varint(25) + varint(65535))
-START_V6 = (varint(0) + varint(0) + varint(1) + varint(1) + b"\x00" + b"\x01" + b"\x00"
+START_V6 = (varint(0) + varint(0) + varint(1) + varint(1) + b"\x00" + b"\x00" + b"\x01" + b"\x00"
             + b"\x01" + varint(1) + bytes(15) + b"\x01" + b"\x00" + b"\x01" + b"\x00" + varint(0))
 MESSAGES = {
     "start-v4": START_V4,

@@ -38,6 +38,8 @@ pub(super) struct Conn {
     last_activity: Instant,
     /// Set once a side has failed: the other is getting what the failed side sent before.
     abort: Option<Box<Abort>>,
+    /// The half-close deadline is armed (one direction has ended).
+    half_closed: bool,
 }
 
 /// A failed side of a relayed connection, while the survivor gets what it is still owed.
@@ -108,6 +110,7 @@ struct Connecting {
 enum Ending {
     Closed,
     IdleTimeout,
+    HalfCloseTimeout,
     Error(io::Error),
     /// A side failed (the error is in the connection's `abort`).
     Aborted,
@@ -164,6 +167,7 @@ impl Worker {
             down: Flow::default(),
             last_activity: self.now,
             abort: None,
+            half_closed: false,
         });
         self.live += 1;
         self.try_next(i);
@@ -605,6 +609,26 @@ impl Worker {
             let serial = conn.serial;
             self.busy.push(Busy::Conn(i, serial));
         }
+        // One direction has ended (passed on as a half-close): the peer that has not ended
+        // its own gets `--half-close-timeout` of silence.
+        let ended_one = conn.up.is_done() != conn.down.is_done();
+        if let (true, false, None, Some(limit)) = (
+            ended_one,
+            conn.half_closed,
+            &conn.abort,
+            self.half_close_timeout,
+        ) {
+            conn.half_closed = true;
+            if let Some(when) = conn.last_activity.checked_add(limit) {
+                let serial = conn.serial;
+                self.set_deadline(Timer {
+                    when,
+                    entry: i as u32,
+                    serial,
+                    kind: TimerKind::HalfClosed,
+                });
+            }
+        }
         None
     }
 
@@ -653,13 +677,15 @@ impl Worker {
                     let reason = format!("timeout after {}s", self.connect_timeout.as_secs());
                     self.connect_failed(i, &reason);
                 }
-                TimerKind::Idle => {
+                TimerKind::Idle | TimerKind::HalfClosed => {
+                    let (limit, ending) = match timer.kind {
+                        TimerKind::Idle => (self.idle_timeout, Ending::IdleTimeout),
+                        _ => (self.half_close_timeout, Ending::HalfCloseTimeout),
+                    };
                     let last = self.conns[i].as_ref().map(|c| c.last_activity);
-                    let due = last
-                        .zip(self.idle_timeout)
-                        .and_then(|(l, d)| l.checked_add(d));
+                    let due = last.zip(limit).and_then(|(l, d)| l.checked_add(d));
                     match due {
-                        Some(due) if due <= self.now => self.close(i, Ending::IdleTimeout),
+                        Some(due) if due <= self.now => self.close(i, ending),
                         Some(due) => self.set_deadline(Timer { when: due, ..timer }),
                         None => {}
                     }
@@ -734,6 +760,10 @@ impl Worker {
                 "timed out after {} seconds",
                 self.config.idle_timeout_secs.unwrap_or(0)
             ),
+            Ending::HalfCloseTimeout => format!(
+                "half-closed and idle for {} seconds",
+                self.config.half_close_timeout_secs.unwrap_or(0)
+            ),
             Ending::Error(e) => format!("ended: {e}"),
             Ending::Aborted => match &conn.abort {
                 Some(abort) => {
@@ -772,6 +802,8 @@ fn deadline_applies(conns: &[Option<Conn>], t: &Timer) -> bool {
         && match (&conn.phase, t.kind) {
             (Phase::Connecting(c), TimerKind::Connect) => c.deadline == Some(t.when),
             (Phase::Relaying(_), TimerKind::Idle) => true,
+            // Once a side has failed, the abort's own deadlines apply.
+            (Phase::Relaying(_), TimerKind::HalfClosed) => conn.abort.is_none(),
             (Phase::Relaying(_), TimerKind::Stall) => {
                 conn.abort.as_ref().is_some_and(|a| a.check == Some(t.when))
             }
