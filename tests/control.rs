@@ -325,7 +325,11 @@ fn interactive_session_through_a_pipe() {
     let o = wait_output(child, Duration::from_secs(10));
     assert_eq!(o.status.code(), Some(0));
     let out = stdout(&o);
-    assert!(out.contains(&format!("Supervisor pid {}", b.pid)), "{out}");
+    // The original's line, which scripts may look for.
+    assert!(
+        out.contains(&format!("\nPID of master process is {}\n", b.pid)),
+        "{out}"
+    );
     assert!(
         out.ends_with(
             "balance[0] balance[1] channel created\nbalance[1] group 1 set to hash\n\
@@ -564,7 +568,11 @@ fn a_stale_table_is_reported_and_never_signals_anyone() {
     assert!(b.table_path().exists());
     let o = b.control("show");
     assert_eq!(o.status.code(), Some(69));
-    assert_eq!(stdout(&o), "no master process, exiting.\n");
+    // The original's message for a table whose master is gone names its pid.
+    assert_eq!(
+        stdout(&o),
+        format!("no master process with pid {}, exiting.\n", b.pid)
+    );
     let o = b.control("kill");
     assert_eq!(o.status.code(), Some(69));
 }

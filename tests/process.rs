@@ -345,6 +345,35 @@ fn non_root_start_runs_unprivileged_with_a_warning() {
     assert_eq!(out.status.code(), Some(0));
 }
 
+/// A user who cannot enter the run directory (root's and the service user's, 0750) is told
+/// why and what to do, with the original's code for a run directory it cannot use.
+#[test]
+fn a_run_directory_out_of_reach_is_explained() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("unreachable-run");
+    let bin = dir.join("balance");
+    std::fs::copy(BIN, &bin).expect("copy binary");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let run = dir.join("run");
+    std::fs::create_dir(&run).expect("run dir");
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(&bin)
+        .args(["-f", "--run-dir"])
+        .arg(&run)
+        .args(["-b", "127.0.0.1", &free_port().to_string(), "127.0.0.1:9"])
+        .stdin(Stdio::null())
+        .output_within(Duration::from_secs(10))
+        .expect("run as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(err.contains("give --run-dir a directory of your own"), "{err}");
+}
+
 #[test]
 fn daemon_detaches_and_sigterm_cleans_up() {
     if !require_root() {

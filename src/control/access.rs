@@ -23,8 +23,9 @@ pub struct Attached {
 
 #[derive(Debug)]
 pub enum AccessError {
-    /// No file, or no process holds its lock.
-    NoMaster,
+    /// No file, or no process holds its lock; then the pid the table names, if it can
+    /// be read (the supervisor died without removing it).
+    NoMaster(Option<u32>),
     /// Neither a read-write nor a read-only open is allowed.
     Denied,
     /// The file is not one the daemon created; the reason says why.
@@ -38,7 +39,15 @@ pub fn attach(path: &Path) -> Result<Attached, AccessError> {
     let (file, writable) = open_table_file(path)?;
     check_origin(&file)?;
     if !master_alive(&file).map_err(AccessError::Io)? {
-        return Err(AccessError::NoMaster);
+        let pid = Table::open(&file, false)
+            .ok()
+            .map(|t| {
+                t.header()
+                    .supervisor_pid
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .filter(|&pid| pid != 0);
+        return Err(AccessError::NoMaster(pid));
     }
     let table = Table::open(&file, writable).map_err(AccessError::Table)?;
     Ok(Attached { file, table })
@@ -78,7 +87,7 @@ fn is_denied(e: &io::Error) -> bool {
 
 fn classify(e: io::Error) -> AccessError {
     match e.raw_os_error() {
-        Some(libc::ENOENT) => AccessError::NoMaster,
+        Some(libc::ENOENT) => AccessError::NoMaster(None),
         Some(libc::EACCES | libc::EPERM) => AccessError::Denied,
         Some(libc::ELOOP) => AccessError::Unsafe("it is a symbolic link"),
         _ => AccessError::Io(e),
@@ -115,7 +124,7 @@ mod tests {
     #[test]
     fn missing_file_means_no_master() {
         let path = temp_path("missing");
-        assert!(matches!(attach(&path), Err(AccessError::NoMaster)));
+        assert!(matches!(attach(&path), Err(AccessError::NoMaster(None))));
     }
 
     #[test]
@@ -142,7 +151,7 @@ mod tests {
         let file = File::create(&path).expect("create");
         file.set_permissions(std::fs::Permissions::from_mode(0o640))
             .expect("chmod");
-        assert!(matches!(attach(&path), Err(AccessError::NoMaster)));
+        assert!(matches!(attach(&path), Err(AccessError::NoMaster(None))));
         std::fs::remove_file(&path).expect("cleanup");
     }
 }

@@ -237,14 +237,22 @@ fn split_host_port(text: &str) -> (&str, Option<&str>) {
 }
 
 /// Resolves `create`/`assign` arguments; a port inside HOST wins over PORT, as in the
-/// original. The first address found is used, as at start-up.
-pub fn resolve(host: &str, port: Option<&str>, services: &Services) -> Option<SocketAddr> {
+/// original. The first address found is used, as at start-up. The error is the shell's
+/// answer: `invalid port` (the original stored port 0 for `abc`), or `invalid address`.
+pub fn resolve(
+    host: &str,
+    port: Option<&str>,
+    services: &Services,
+) -> Result<SocketAddr, &'static str> {
     let (host, inline_port) = split_host_port(host);
-    let port = cli::parse_port(inline_port.or(port)?, services)?;
+    let port = inline_port
+        .or(port)
+        .and_then(|p| cli::parse_port(p, services))
+        .ok_or("invalid port")?;
     if host.is_empty() {
-        return None;
+        return Err("invalid address");
     }
-    crate::supervisor::lookup_host(host, port)
+    crate::supervisor::lookup_host(host, port).ok_or("invalid address")
 }
 
 fn rejected(text: impl Into<String>) -> Failure {
@@ -400,8 +408,7 @@ impl Session<'_> {
     /// Resolves before taking the lock (a name lookup can be slow), so a bad host changes
     /// nothing.
     fn create(&self, cmd: &Command, host: &str, port: Option<&str>) -> Result<Reply, Failure> {
-        let addr =
-            resolve(host, port, &self.services).ok_or_else(|| rejected("invalid address"))?;
+        let addr = resolve(host, port, &self.services).map_err(rejected)?;
         let g = self.group;
         let c = self
             .write(|w| w.create_channel(g, addr))?
@@ -425,8 +432,7 @@ impl Session<'_> {
         if !exists(&self.snapshot()?) {
             return Err(rejected("unknown channel"));
         }
-        let addr =
-            resolve(host, port, &self.services).ok_or_else(|| rejected("invalid address"))?;
+        let addr = resolve(host, port, &self.services).map_err(rejected)?;
         let old = self.write(|w| {
             let c = index(n).ok_or("unknown channel")?;
             match w.config(g, c) {

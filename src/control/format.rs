@@ -232,7 +232,8 @@ pub fn banner(table: &Table, path: &Path) -> String {
     };
     format!(
         "\nbalance {} control shell; \"help\" lists the commands.\n\
-         Supervisor pid {pid}, table {} ({access}).\n\n",
+         PID of master process is {pid}\n\
+         Table {} ({access}).\n\n",
         crate::VERSION,
         path.display()
     )

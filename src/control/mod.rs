@@ -12,7 +12,7 @@
 //! Exit codes (sysexits). The original exited 0 after any command; `-c` now reports failure:
 //! - 0: success, `quit`, end of input, `kill` done;
 //! - 65 (`EX_DATAERR`): `syntax error`, `value out of range`, no such channel or group,
-//!   `invalid address`, group full, channel must be disabled; also a table of another
+//!   `invalid address` or `invalid port`, group full, channel must be disabled; also a table of another
 //!   layout version (the original's `release mismatch`);
 //! - 69 (`EX_UNAVAILABLE`): no master serves the table; `kill` did not finish;
 //! - 70 (`EX_SOFTWARE`): any other error from the table;
@@ -252,8 +252,12 @@ pub fn run(args: ShellArgs) -> ExitCode {
 fn report_access(e: &AccessError, path: &Path, control_group: &str) -> u8 {
     let path = path.display();
     match e {
-        AccessError::NoMaster => {
+        AccessError::NoMaster(None) => {
             println!("no master process, exiting.");
+            EX_UNAVAILABLE
+        }
+        AccessError::NoMaster(Some(pid)) => {
+            println!("no master process with pid {pid}, exiting.");
             EX_UNAVAILABLE
         }
         AccessError::Denied => {

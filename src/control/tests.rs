@@ -180,18 +180,19 @@ fn bad_words_and_arguments_are_refused() {
 fn addresses_resolve_with_an_inline_port_winning() {
     let services = Services::parse("smtp 25/tcp mail\n");
     let r = |h: &str, p: Option<&str>| commands::resolve(h, p, &services);
-    assert_eq!(r("127.0.0.1", Some("80")), Some(addr("127.0.0.1:80")));
-    assert_eq!(r("127.0.0.1:81", Some("80")), Some(addr("127.0.0.1:81")));
-    assert_eq!(r("127.0.0.1", Some("smtp")), Some(addr("127.0.0.1:25")));
-    assert_eq!(r("[::1]:82", None), Some(addr("[::1]:82")));
-    assert_eq!(r("[::1]", Some("83")), Some(addr("[::1]:83")));
-    assert_eq!(r("::1", Some("84")), Some(addr("[::1]:84")));
-    assert_eq!(r("localhost", Some("85")), Some(addr("127.0.0.1:85")));
-    assert_eq!(r("127.0.0.1", Some("abc")), None);
-    assert_eq!(r("127.0.0.1", Some("0")), None);
-    assert_eq!(r("127.0.0.1", Some("70000")), None);
-    assert_eq!(r(":80", None), None);
-    assert_eq!(r("nosuchhost.invalid", Some("80")), None);
+    assert_eq!(r("127.0.0.1", Some("80")), Ok(addr("127.0.0.1:80")));
+    assert_eq!(r("127.0.0.1:81", Some("80")), Ok(addr("127.0.0.1:81")));
+    assert_eq!(r("127.0.0.1", Some("smtp")), Ok(addr("127.0.0.1:25")));
+    assert_eq!(r("[::1]:82", None), Ok(addr("[::1]:82")));
+    assert_eq!(r("[::1]", Some("83")), Ok(addr("[::1]:83")));
+    assert_eq!(r("::1", Some("84")), Ok(addr("[::1]:84")));
+    assert_eq!(r("localhost", Some("85")), Ok(addr("127.0.0.1:85")));
+    assert_eq!(r("127.0.0.1", Some("abc")), Err("invalid port"));
+    assert_eq!(r("127.0.0.1", Some("0")), Err("invalid port"));
+    assert_eq!(r("127.0.0.1", Some("70000")), Err("invalid port"));
+    assert_eq!(r("127.0.0.1:", Some("80")), Err("invalid port"));
+    assert_eq!(r(":80", None), Err("invalid address"));
+    assert_eq!(r("nosuchhost.invalid", Some("80")), Err("invalid address"));
 }
 
 #[test]

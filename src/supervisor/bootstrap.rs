@@ -326,7 +326,16 @@ fn prepare_run_dir(
         OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| unavailable(format!("{} (a symlink is not accepted)", e.desc())))?;
+    .map_err(|e| {
+        unavailable(match e {
+            nix::Error::ELOOP => format!("{} (a symlink is not accepted)", e.desc()),
+            nix::Error::EACCES => format!(
+                "{} (it is for root and the service user: run as root, or give --run-dir a directory of your own)",
+                e.desc()
+            ),
+            e => e.desc().to_string(),
+        })
+    })?;
     let st = fstat(&dir).map_err(|e| unavailable(e.desc().to_string()))?;
     let me = Uid::effective();
     let allowed_owner =
