@@ -371,7 +371,10 @@ fn a_run_directory_out_of_reach_is_explained() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "{err}");
     assert!(err.contains("Permission denied"), "{err}");
-    assert!(err.contains("give --run-dir a directory of your own"), "{err}");
+    assert!(
+        err.contains("give --run-dir a directory of your own"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -592,13 +595,17 @@ fn debug_lines_on_stderr() {
         return;
     }
     let backend = Backend::start("B1", Behaviour::TagEcho);
-    let b = Balance::start(&["-d"], &[backend.operand(), refused_operand()]);
+    let b = Balance::start_with(Start {
+        flags: &["-d"],
+        operands: &[backend.operand(), refused_operand()],
+        workers: 1,
+        ..Start::default()
+    });
     assert_eq!(greeting(b.addr()), "B1");
-    assert_eq!(
-        greeting(b.addr()),
-        "B1",
-        "refused channel 1 fails over to channel 0"
-    );
+    // Each of these tries the refused channel 1 first, then fails over to channel 0.
+    for _ in 0..3 {
+        assert_eq!(greeting(b.addr()), "B1");
+    }
     let want = [
         format!("source port {}", b.port),
         "the following channels are active:".to_string(),
@@ -611,6 +618,16 @@ fn debug_lines_on_stderr() {
         wait_until(Duration::from_secs(5), || want
             .iter()
             .all(|w| b.stderr().contains(w.as_str()))),
+        "stderr:\n{}",
+        b.stderr()
+    );
+    // Every failed attempt is shown, not only the first of each second (the log's notice
+    // is throttled; the original printed one line per attempt).
+    assert_eq!(
+        b.stderr()
+            .matches("connection failed group 0 channel 1: ")
+            .count(),
+        3,
         "stderr:\n{}",
         b.stderr()
     );

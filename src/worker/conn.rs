@@ -412,6 +412,10 @@ impl Worker {
         let addr = connecting.snap.groups[g].channels[c].addr;
         let next = connecting.candidates.get(connecting.next).copied();
         self.release(i);
+        // `-d` shows every attempt, as the original did; the notice below is throttled.
+        self.debug(format_args!(
+            "connection failed group {g} channel {c}: {reason}"
+        ));
         self.notice(Notice::Failed, Some((g, c)), || {
             let addr = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
             let next = match next {
