@@ -37,6 +37,9 @@ pub struct Logger {
     warned_unavailable: bool,
     /// When a connection was last attempted without one (daemon, audit).
     retried: (Option<Instant>, Option<Instant>),
+    /// Lines that could not be delivered since the last one that was: said once syslog
+    /// takes lines again, so that a gap in the record is visible.
+    dropped: u64,
 }
 
 /// The syslog socket on Linux.
@@ -59,6 +62,7 @@ impl Logger {
             verbose,
             warned_unavailable: false,
             retried: (None, None),
+            dropped: 0,
         };
         logger.daemon = logger.connect(Channel::Daemon);
         logger.audit = logger.connect(Channel::Audit);
@@ -77,6 +81,7 @@ impl Logger {
             verbose: false,
             warned_unavailable: true,
             retried: (None, None),
+            dropped: 0,
         }
     }
 
@@ -125,6 +130,7 @@ impl Logger {
 
     /// A daemon event.
     pub fn log(&mut self, priority: Priority, text: &str) {
+        let text = &*printable(text);
         let show = match priority {
             Priority::Info | Priority::Debug => self.verbose,
             _ => true,
@@ -137,6 +143,7 @@ impl Logger {
 
     /// An audit line (LOG_AUTHPRIV).
     pub fn audit(&mut self, priority: Priority, text: &str) {
+        let text = &*printable(text);
         if self.stderr && self.verbose {
             stderr_line(format_args!("audit: {text}"));
         }
@@ -146,10 +153,26 @@ impl Logger {
     /// Sends one line: on an existing connection, or a new one when there is none (at most
     /// one attempt a second) or the existing one just failed (syslogd restarted).
     fn send(&mut self, channel: Channel, priority: Priority, text: &str) {
+        if !self.deliver(channel, priority, text) {
+            self.dropped += 1;
+        } else if self.dropped > 0 {
+            let gap = format!(
+                "{} log line(s) could not be delivered to syslog before this one",
+                std::mem::take(&mut self.dropped)
+            );
+            if !self.deliver(channel, Priority::Warning, &gap) {
+                self.dropped += 1;
+            }
+        }
+    }
+
+    /// One line, on this channel's connection (opened or reopened as needed); whether it
+    /// was delivered.
+    fn deliver(&mut self, channel: Channel, priority: Priority, text: &str) -> bool {
         for attempt in 0..2 {
             if attempt > 0 || self.slot(channel).is_none() {
                 if attempt == 0 && !self.may_retry(channel) {
-                    return;
+                    return false;
                 }
                 let conn = self.connect(channel);
                 if conn.is_some() {
@@ -159,7 +182,7 @@ impl Logger {
                 *self.slot(channel) = conn;
             }
             let Some(conn) = self.slot(channel).as_mut() else {
-                return;
+                return false;
             };
             let sent = match priority {
                 Priority::Critical => conn.crit(text),
@@ -170,9 +193,10 @@ impl Logger {
                 Priority::Debug => conn.debug(text),
             };
             if sent.is_ok() {
-                return;
+                return true;
             }
         }
+        false
     }
 
     fn slot(&mut self, channel: Channel) -> &mut Option<Conn> {
@@ -199,6 +223,22 @@ impl Logger {
         *last = Some(now);
         true
     }
+}
+
+/// The text with control characters escaped (`\n` as the two characters `\` `n`): a
+/// line of the log stays one line, whatever a path, a host name or a worker's message
+/// holds, so no one can forge a second line in it.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().collect(),
+            false => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// Writes one line to stderr with a single `write`, so that lines of the supervisor and of
@@ -244,6 +284,17 @@ mod tests {
             assert!(line.ends_with(text), "{line:?} for {text}");
             assert!(line.contains(&format!("{SYSLOG_IDENT}[")), "{line}");
         }
+        // A line cannot carry a second, forged one.
+        logger.audit(
+            Priority::Warning,
+            "refused x\n<85>Balance[1]: uid 0 (root): kill",
+        );
+        let n = rx.recv(&mut buf).expect("a line");
+        let line = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            line.ends_with("refused x\\n<85>Balance[1]: uid 0 (root): kill"),
+            "{line:?}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -88,6 +88,8 @@ struct Supervisor {
     /// Table generation last looked at, and the configuration seen then.
     seen_generation: Cell<u32>,
     last_seen: RefCell<crate::table::Snapshot>,
+    /// The next audit record of the table's ring to log.
+    audit_next: Cell<u64>,
     landlock_warned: Cell<bool>,
     /// Wakes slot tasks out of their restart backoff at shutdown.
     wake: tokio::sync::Notify,
@@ -219,6 +221,7 @@ fn supervise(
         ports_version: Cell::new(0),
         seen_generation: Cell::new(generation),
         last_seen: RefCell::new(last_seen),
+        audit_next: Cell::new(0),
         landlock_warned: Cell::new(false),
         wake: tokio::sync::Notify::new(),
     });
@@ -281,6 +284,7 @@ fn supervise(
             (Ok(term), Ok(int), Ok(hup)) => wait_for_stop(&sup, term, int, hup).await,
             _ => "cannot install signal handlers",
         };
+        log_audit_records(&sup);
         sup.log(Priority::Notice, format!("shutting down ({reason})"));
         stop_workers(&sup, slots).await;
         sup.boot.remove_files(pidfile);
@@ -318,6 +322,7 @@ async fn wait_for_stop(
                 pool::request_round(sup, pool::Scope::All);
             }
             _ = poll.tick() => {
+                log_audit_records(sup);
                 if sup.boot.table.header().shutdown.load(Ordering::Acquire) != 0 {
                     return "kill command";
                 }
@@ -330,6 +335,31 @@ async fn wait_for_stop(
                 }
             }
         }
+    }
+}
+
+/// Logs what the control shell put on record in the table's audit ring since the last look
+/// (the shell's own words, on the audit facility), and says when records were overwritten
+/// before they could be logged.
+fn log_audit_records(sup: &Supervisor) {
+    let table = &sup.boot.table;
+    if table.audit_next() == sup.audit_next.get() {
+        return;
+    }
+    let batch = table.read_audit(sup.audit_next.get());
+    sup.audit_next.set(batch.next);
+    let mut logger = sup.logger.borrow_mut();
+    if batch.lost > 0 {
+        logger.audit(
+            Priority::Warning,
+            &format!(
+                "{} audit record(s) of the control shell were overwritten before they could be logged",
+                batch.lost
+            ),
+        );
+    }
+    for line in &batch.lines {
+        logger.audit(Priority::Notice, line);
     }
 }
 

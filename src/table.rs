@@ -13,6 +13,10 @@
 //! - **Admitted ports** (a bitmap after the channels, in the configuration part) are written
 //!   by the supervisor alone, without the lock: which channel ports every serving worker's
 //!   sandbox admits. Nothing but the control shell's wait after `create`/`assign` reads them.
+//! - **Audit records** (a ring after the bitmap, in the configuration part) are appended by
+//!   the control shell under the writer lock, one per change, and read lock-free by the
+//!   supervisor, which owns the syslog connection and logs them: a change is on record even
+//!   when the shell cannot reach syslog itself.
 //! - **Counters** (and the round-robin cursors) are relaxed atomics updated without any
 //!   lock. The current-connection count of a channel is kept twice: a global count that
 //!   `maxc` admission compares-and-swaps, and a per-worker row, so the supervisor can
@@ -46,7 +50,7 @@ pub const MAX_POOL: usize = MAX_WORKERS / 2;
 /// "BALTABLE" in little-endian byte order.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"BALTABLE");
 /// Bump whenever anything in this file's `#[repr(C)]` structs changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// How long a writer waits for the lock before giving up with a clear error.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -119,8 +123,36 @@ pub struct ChannelCounters {
 
 /// Words of the admitted-ports bitmap: one bit per TCP port.
 const PORT_WORDS: usize = (1 << 16) / 64;
+/// Audit records the ring holds: more changes than this between two looks of the
+/// supervisor (200 ms apart) lose the oldest, and the supervisor says how many.
+pub const AUDIT_SLOTS: usize = 32;
+/// Bytes of text an audit record holds; longer text is cut (at a character boundary).
+pub const AUDIT_TEXT: usize = 240;
+
+/// One audit record: a line of text for the supervisor to log.
+#[repr(C)]
+pub struct AuditRecord {
+    /// The record's number plus one once complete; `u64::MAX` while being written; 0 never
+    /// written.
+    pub seq: AtomicU64,
+    pub len: AtomicU32,
+    pub reserved: AtomicU32,
+    /// The text's bytes, eight to a word, little-endian.
+    pub text: [AtomicU64; AUDIT_TEXT / 8],
+}
+
+/// The ring of audit records.
+#[repr(C)]
+pub struct AuditRing {
+    /// Records appended since start; record `n` lives in slot `n % AUDIT_SLOTS`.
+    pub next: AtomicU64,
+    pub reserved: [AtomicU64; 7],
+    pub records: [AuditRecord; AUDIT_SLOTS],
+}
+
 /// Where the configuration ends.
-const CONFIG_END: usize = 64 + 16 * MAX_GROUPS + 64 * MAX_CHANNELS * MAX_GROUPS + 8 * PORT_WORDS;
+const CONFIG_END: usize =
+    64 + 16 * MAX_GROUPS + 64 * MAX_CHANNELS * MAX_GROUPS + 8 * PORT_WORDS + size_of::<AuditRing>();
 /// Where the counters start: the configuration's end rounded up to 64 KiB, a multiple of
 /// every page size Linux uses, so that the two parts can be mapped with different rights.
 pub const COUNTERS_OFFSET: usize = CONFIG_END.div_ceil(1 << 16) << 16;
@@ -136,6 +168,8 @@ pub struct Layout {
     /// admits connections to port `p`. A control shell that adds a channel on a new port
     /// waits for its bit, so the channel is usable when the command returns.
     pub admitted_ports: [AtomicU64; PORT_WORDS],
+    /// Written by the control shell under the lock, read by the supervisor.
+    pub audit: AuditRing,
     pub padding: [AtomicU8; COUNTERS_OFFSET - CONFIG_END],
     // The counters: written by the workers, without a lock.
     /// Per group, the index where the next round-robin search starts.
@@ -156,7 +190,11 @@ const _: () = {
     assert!(offset_of!(Layout, groups) == 64);
     assert!(offset_of!(Layout, channels) == 64 + 16 * MAX_GROUPS);
     assert!(offset_of!(Layout, admitted_ports) == 64 + 16 * MAX_GROUPS + 64 * 64 * 32);
+    assert!(size_of::<AuditRecord>() == 256);
+    assert!(size_of::<AuditRing>() == 64 + 256 * AUDIT_SLOTS);
+    assert!(offset_of!(Layout, audit) == 64 + 16 * MAX_GROUPS + 64 * 64 * 32 + 8 * PORT_WORDS);
     assert!(offset_of!(Layout, padding) == CONFIG_END);
+    assert!(CONFIG_END <= COUNTERS_OFFSET);
     assert!(offset_of!(Layout, cursors) == COUNTERS_OFFSET);
     assert!(offset_of!(Layout, counters) == COUNTERS_OFFSET + 4 * MAX_GROUPS);
     assert!(offset_of!(Layout, worker_current) == COUNTERS_OFFSET + 4 * 32 + 32 * 64 * 32);
@@ -298,7 +336,58 @@ pub struct Table {
     writable: bool,
 }
 
+/// What [`Table::read_audit`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AuditBatch {
+    pub lines: Vec<String>,
+    /// Records overwritten (or caught mid-write) before they could be read.
+    pub lost: u64,
+    /// Where the next read starts.
+    pub next: u64,
+}
+
 impl Table {
+    /// Records appended to the audit ring since start (a lock-free look).
+    pub fn audit_next(&self) -> u64 {
+        self.layout().audit.next.load(Ordering::Acquire)
+    }
+
+    /// The audit records from number `from` on, without taking the lock: each record is
+    /// checked before and after it is read, and one being rewritten counts as lost. Text
+    /// that is not UTF-8 (only a hostile writer makes any) is read lossily.
+    pub fn read_audit(&self, from: u64) -> AuditBatch {
+        let ring = &self.layout().audit;
+        let next = ring.next.load(Ordering::Acquire);
+        let first = from.max(next.saturating_sub(AUDIT_SLOTS as u64));
+        let mut batch = AuditBatch {
+            lost: first.saturating_sub(from),
+            next: next.max(from),
+            ..AuditBatch::default()
+        };
+        for n in first..next {
+            let record = &ring.records[(n % AUDIT_SLOTS as u64) as usize];
+            if record.seq.load(Ordering::Acquire) != n + 1 {
+                batch.lost += 1;
+                continue;
+            }
+            let len = (record.len.load(Ordering::Relaxed) as usize).min(AUDIT_TEXT);
+            let mut bytes = Vec::with_capacity(AUDIT_TEXT);
+            for word in &record.text {
+                bytes.extend_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+            }
+            fence(Ordering::Acquire);
+            if record.seq.load(Ordering::Relaxed) != n + 1 {
+                batch.lost += 1;
+                continue;
+            }
+            bytes.truncate(len);
+            batch
+                .lines
+                .push(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        batch
+    }
+
     /// Sizes a new, empty file and initialises it. The caller publishes it (rename).
     pub fn initialise(file: &File, groups: &[InitialGroup]) -> Result<Table, TableError> {
         file.set_len(TABLE_SIZE as u64)?;
@@ -613,6 +702,31 @@ impl Writer<'_> {
         ))
     }
 
+    /// Appends a line to the audit ring for the supervisor to log (cut to [`AUDIT_TEXT`]
+    /// bytes at a character boundary). The oldest record is overwritten when the ring is
+    /// full.
+    pub fn append_audit(&self, text: &str) {
+        let ring = &self.layout.audit;
+        let n = ring.next.load(Ordering::Relaxed);
+        let record = &ring.records[(n % AUDIT_SLOTS as u64) as usize];
+        let mut len = text.len().min(AUDIT_TEXT);
+        while !text.is_char_boundary(len) {
+            len -= 1;
+        }
+        record.seq.store(u64::MAX, Ordering::Relaxed);
+        fence(Ordering::Release);
+        let mut bytes = [0u8; AUDIT_TEXT];
+        bytes[..len].copy_from_slice(&text.as_bytes()[..len]);
+        for (word, chunk) in record.text.iter().zip(bytes.chunks_exact(8)) {
+            let mut eight = [0u8; 8];
+            eight.copy_from_slice(chunk);
+            word.store(u64::from_le_bytes(eight), Ordering::Relaxed);
+        }
+        record.len.store(len as u32, Ordering::Relaxed);
+        record.seq.store(n + 1, Ordering::Release);
+        ring.next.store(n + 1, Ordering::Release);
+    }
+
     /// Appends a disabled channel to group `g`, with no connection limit and every counter
     /// zeroed (the original let a new channel inherit a previous run's counters). Returns
     /// its index, or None when the group is full or `g` is out of range.
@@ -802,6 +916,37 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("test address")
+    }
+
+    #[test]
+    fn audit_records_are_read_once_and_overwritten_ones_are_counted() {
+        let (_file, table) = temp_table(&[]);
+        assert_eq!(table.read_audit(0), AuditBatch::default());
+        for text in ["first", "second"] {
+            table.update(|w| w.append_audit(text)).expect("append");
+        }
+        let batch = table.read_audit(0);
+        assert_eq!(
+            (batch.lines.as_slice(), batch.lost, batch.next),
+            (&["first".to_string(), "second".to_string()][..], 0, 2)
+        );
+        assert!(table.read_audit(batch.next).lines.is_empty());
+        // More than the ring holds between two looks: the oldest are lost, and counted.
+        for i in 0..AUDIT_SLOTS + 5 {
+            table
+                .update(|w| w.append_audit(&format!("line {i}")))
+                .expect("append");
+        }
+        let later = table.read_audit(2);
+        assert_eq!(later.lost, 5);
+        assert_eq!(later.lines.len(), AUDIT_SLOTS);
+        assert_eq!(later.lines[0], "line 5");
+        assert_eq!(later.next, 2 + AUDIT_SLOTS as u64 + 5);
+        // Long text is cut at a character boundary.
+        let long = "é".repeat(AUDIT_TEXT);
+        table.update(|w| w.append_audit(&long)).expect("append");
+        let cut = table.read_audit(later.next);
+        assert_eq!(cut.lines, ["é".repeat(AUDIT_TEXT / 2)]);
     }
 
     #[test]

@@ -304,6 +304,57 @@ fn control_changes_and_refusals_are_audited() {
     );
 }
 
+/// A change is on record even when the shell that made it cannot reach syslog: the shell
+/// leaves the record in the table and the supervisor, which owns the daemon's syslog
+/// connection, logs it; `kill` is on record before the daemon stops.
+#[test]
+fn changes_by_a_shell_without_syslog_are_logged_by_the_supervisor() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-ring");
+    let rx = Receiver::bind(&dir.join("log"));
+    let bs: Vec<Backend> = (1..=2)
+        .map(|i| Backend::start(&format!("B{i}"), Behaviour::TagEcho))
+        .collect();
+    let mut b = one_worker_logging_to(&rx, &[bs[0].operand(), bs[1].operand()]);
+    let control = |cmd: &str| {
+        Command::new(BIN)
+            .arg("--run-dir")
+            .arg(&b.run_dir)
+            .args(["-b", "127.0.0.1", "--syslog-socket"])
+            .arg(dir.join("no-syslog-here"))
+            .args(["-c", cmd, &b.port.to_string()])
+            .output_within(COMMAND_LIMIT)
+            .expect("control")
+    };
+    let tag = format!("Balance[{}]: uid 0 (root) pid ", b.pid);
+    for (cmd, record) in [
+        (
+            "disable 0",
+            ": disable group 0 channel 0: enabled -> disabled",
+        ),
+        (
+            "enable 0",
+            ": enable group 0 channel 0: disabled -> enabled",
+        ),
+        ("reset 0", ": reset group 0 channel 0: "),
+        ("maxc 1 3", ": maxc group 0 channel 1: 0 -> 3"),
+    ] {
+        let out = control(cmd);
+        assert_eq!(out.status.code(), Some(0), "{cmd}: {out:?}");
+        rx.expect(AUTH_NOTICE, &[&tag, record]);
+    }
+    let out = control("kill");
+    assert_eq!(out.status.code(), Some(0), "kill: {out:?}");
+    let killed = rx.expect(AUTH_NOTICE, &[&tag, ": kill: running -> shutting down"]);
+    let stopping = rx.expect(DAEMON_NOTICE, &["shutting down (kill command)"]);
+    let lines = rx.lines();
+    let at = |line: &str| lines.iter().position(|l| l == line);
+    assert!(at(&killed) < at(&stopping), "{lines:#?}");
+    let _ = b.terminate();
+}
+
 #[test]
 fn connection_lines_only_when_asked() {
     if !require_root() {
@@ -370,6 +421,10 @@ fn logging_survives_a_syslog_restart() {
     rx.expect(DAEMON_INFO, &["via group 0 channel 0"]);
     // syslogd restarts: its socket disappears and a new one is bound at the same path.
     drop(rx);
+    // Lines logged meanwhile are lost; the gap is said once syslog is back.
+    for _ in 0..3 {
+        assert_eq!(greeting(b.addr()), "B1");
+    }
     let rx = Receiver::bind(&path);
     assert!(
         wait_until(Duration::from_secs(10), || {
@@ -379,6 +434,10 @@ fn logging_survives_a_syslog_restart() {
                 .any(|l| l.contains("via group 0 channel 0"))
         }),
         "messages arrive after the restart"
+    );
+    rx.expect(
+        DAEMON_WARNING,
+        &["log line(s) could not be delivered to syslog before this one"],
     );
 }
 

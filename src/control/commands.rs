@@ -471,7 +471,9 @@ impl Session<'_> {
     /// Asks the supervisor to shut down (a flag it polls; no signal, no pid) and waits until
     /// it has let go of the table. The flag is an atomic outside the configuration, so it is
     /// set without the writer lock: a stuck writer cannot prevent a shutdown.
+    /// The record goes first: the supervisor logs what is in the ring before it stops.
     fn kill(&self, cmd: &Command) -> Result<Reply, Failure> {
+        self.record(&self.event(cmd, None, "running", "shutting down"));
         self.table.header().shutdown.store(1, Ordering::Release);
         let deadline = Instant::now() + KILL_WAIT;
         loop {
@@ -484,7 +486,7 @@ impl Session<'_> {
         }
         Ok(Reply {
             text: "shutdown complete, exiting.\n".to_string(),
-            audit: Some(self.event(cmd, None, "running", "shut down")),
+            audit: None,
             quit: true,
             port: None,
         })

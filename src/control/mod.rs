@@ -73,12 +73,15 @@ impl std::fmt::Display for AuditEvent {
             .map_or_else(|| "?".to_string(), |u| u.name);
         write!(
             f,
-            "uid {} ({name}) pid {}: {} group {}",
+            "uid {} ({name}) pid {}: {}",
             self.uid,
             std::process::id(),
             self.command,
-            self.group
         )?;
+        // `kill` is about the instance, not the group the shell was in.
+        if self.command != "kill" {
+            write!(f, " group {}", self.group)?;
+        }
         if let Some(c) = self.channel {
             write!(f, " channel {c}")?;
         }
@@ -405,9 +408,7 @@ impl Session<'_> {
 
     fn emit(&self, reply: &Reply, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<()> {
         if let Some(event) = &reply.audit {
-            self.logger
-                .borrow_mut()
-                .audit(Priority::Notice, &event.to_string());
+            self.record(event);
             if self.debug {
                 writeln!(err, "audit: {event}")?;
             }
@@ -445,6 +446,17 @@ impl Session<'_> {
                 return Admitted::NoMaster;
             }
             std::thread::sleep(ADMIT_POLL);
+        }
+    }
+
+    /// Puts a change on record: in the table's audit ring, which the supervisor (owner of
+    /// the daemon's syslog connection) logs within 200 ms, so that the record does not
+    /// depend on this shell reaching syslog. Straight to syslog only when the ring cannot
+    /// be written (the writer lock is stuck).
+    pub(super) fn record(&self, event: &AuditEvent) {
+        let text = event.to_string();
+        if self.table.update(|w| w.append_audit(&text)).is_err() {
+            self.logger.borrow_mut().audit(Priority::Notice, &text);
         }
     }
 
