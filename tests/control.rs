@@ -666,6 +666,12 @@ fn control_group_option_chooses_who_may_read() {
     assert!(stdout(&o).starts_with("GRP Type"));
     let o = as_nobody_in("balance");
     assert_eq!(o.status.code(), Some(71), "group balance no longer reads");
+    // The refusal names the daemon's control group, not this shell's default.
+    assert!(
+        stderr(&o).contains("reading needs membership in group nogroup"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -458,11 +458,18 @@ fn a_run_directory_in_use_by_others_is_not_taken_over() {
         return;
     }
     let dir = temp_dir("shared-run");
-    // Like /etc (someone else's files) and like /tmp (writable by all, empty or not).
-    for (name, mode, foreign) in [("etc", 0o755, true), ("tmp", 0o1777, false)] {
+    let (service_uid, _) = balance_ids();
+    // Like /etc (someone else's files), like /tmp (writable by all, empty or not), and the
+    // service user's own directory opened to all, with others' files in it.
+    for (name, mode, foreign, owner) in [
+        ("etc", 0o755, true, 0),
+        ("tmp", 0o1777, false, 0),
+        ("opened", 0o1777, true, service_uid),
+    ] {
         let shared = dir.join(name);
         std::fs::create_dir(&shared).expect("mkdir");
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        nix::unistd::chown(&shared, Some(nix::unistd::Uid::from_raw(owner)), None).expect("chown");
         if foreign {
             std::fs::write(shared.join("someone-else"), "x").expect("file");
         }
@@ -479,7 +486,7 @@ fn a_run_directory_in_use_by_others_is_not_taken_over() {
         let meta = std::fs::metadata(&shared).expect("stat");
         assert_eq!(
             (meta.uid(), meta.permissions().mode() & 0o7777),
-            (0, mode),
+            (owner, mode),
             "{name} was changed"
         );
     }

@@ -192,6 +192,17 @@ fn daemon_events_reach_syslog() {
     rx.expect(DAEMON_ERR, &["killed by signal 9"]);
     rx.expect(DAEMON_NOTICE, &["restarting worker"]);
 
+    // A reload: the workers it retires are on record as they go, like their starts.
+    let retiring = b.workers();
+    signal(b.pid, Signal::SIGHUP);
+    rx.expect(DAEMON_NOTICE, &["all workers replaced"]);
+    for pid in retiring {
+        rx.expect(
+            DAEMON_INFO,
+            &[&format!("(pid {pid}) retired: exited with status 0")],
+        );
+    }
+
     b.terminate();
     rx.expect(DAEMON_NOTICE, &[&ident, "shutting down (SIGTERM)"]);
     rx.expect(DAEMON_NOTICE, &[&ident, "stopped"]);
@@ -299,6 +310,7 @@ fn control_changes_and_refusals_are_audited() {
         &[
             &format!("uid {} (nobody)", nobody.uid),
             "refused access to",
+            "for 'show'",
             "permission denied",
         ],
     );

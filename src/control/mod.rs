@@ -219,9 +219,13 @@ pub fn run(args: ShellArgs) -> ExitCode {
                 logger.borrow_mut().audit(
                     Priority::Warning,
                     &format!(
-                        "{}: refused access to {}: {}",
+                        "{}: refused access to {} for {}: {}",
                         caller(),
                         path.display(),
+                        args.command.as_deref().map_or_else(
+                            || "the interactive shell".to_string(),
+                            |c| format!("'{c}'")
+                        ),
                         match &e {
                             AccessError::Unsafe(why) => why.to_string(),
                             _ => "permission denied".to_string(),
@@ -229,7 +233,8 @@ pub fn run(args: ShellArgs) -> ExitCode {
                     ),
                 );
             }
-            return ExitCode::from(report_access(&e, &path, &args.control_group));
+            let group = table_group(&path).unwrap_or_else(|| args.control_group.clone());
+            return ExitCode::from(report_access(&e, &path, &group));
         }
     };
     let mut session = Session {
@@ -249,6 +254,20 @@ pub fn run(args: ShellArgs) -> ExitCode {
         None => session.interactive(&mut io::stdin().lock(), &mut out, &mut err),
     };
     ExitCode::from(code)
+}
+
+/// The group of the table file (or, when it cannot be looked at, of its directory): the
+/// control group the daemon runs with, which this shell's `--control-group` need not name.
+fn table_group(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .or_else(|e| path.parent().map_or(Err(e), std::fs::metadata))
+        .ok()?;
+    let gid = meta.gid();
+    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map(|g| g.name)
 }
 
 /// Prints why the table could not be used; returns the exit code.

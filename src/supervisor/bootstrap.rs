@@ -346,12 +346,13 @@ fn prepare_run_dir(
             st.st_uid
         )));
     }
-    // A directory found here that is not already the service user's is taken over (mode
-    // and owner changed) only when nothing but balance's own files live in it:
-    // `--run-dir /tmp` or `/etc` must not change /tmp or /etc.
+    // A directory found here that is not already the service user's, or that anyone may
+    // write to, is taken over (mode and owner changed) only when nothing but balance's own
+    // files live in it and it is not writable by all: `--run-dir /tmp` or `/etc` must not
+    // change /tmp or /etc, and files others left in a directory open to all stay theirs.
     let service_uid = account.map_or(me, |a| a.uid);
-    if !created && st.st_uid != service_uid.as_raw() {
-        let world_writable = st.st_mode & 0o002 != 0;
+    let world_writable = st.st_mode & 0o002 != 0;
+    if !created && (st.st_uid != service_uid.as_raw() || world_writable) {
         let only_ours = std::fs::read_dir(path)
             .map(|entries| entries.flatten().all(|e| is_balance_file(&e.file_name())))
             .unwrap_or(false);

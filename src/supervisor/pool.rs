@@ -256,6 +256,7 @@ impl Pool {
 
 /// A running worker as its slot sees it.
 struct Worker {
+    pid: u32,
     channel: Rc<UnixDatagram>,
     /// Completes with the exit status once the worker has been reaped and accounted for.
     done: JoinHandle<std::io::Result<std::process::ExitStatus>>,
@@ -365,8 +366,25 @@ async fn serve_slot(
                 let result = match launch(sup, slot).await {
                     Ok(new) => {
                         let old = std::mem::replace(&mut worker, new);
-                        // The old worker's task reaps it and frees its row when it is done.
+                        // The old worker's task reaps it and frees its row when it is done;
+                        // its exit is logged like a start.
                         let _ = ipc::send(&old.channel, &Message::Drain, &[]).await;
+                        let (sup2, pid) = (Rc::clone(sup), old.pid);
+                        tokio::task::spawn_local(async move {
+                            let status = old.done.await;
+                            let status = status.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                            let clean = matches!(&status, Ok(s) if s.success());
+                            if sup2.stopping.get() {
+                                return;
+                            }
+                            sup2.log(
+                                if clean { Priority::Info } else { Priority::Warning },
+                                format!(
+                                    "worker {slot}'s predecessor (pid {pid}) retired: {}",
+                                    describe_exit(status)
+                                ),
+                            );
+                        });
                         // Draining, it accepts no more: the ports are admitted now.
                         publish_admitted(sup);
                         Ok(())
@@ -575,7 +593,7 @@ async fn start(sup: &Rc<Supervisor>, slot: usize, ports: Vec<u16>) -> Result<Wor
                 Priority::Info,
                 format!("worker {slot} started (pid {pid}, table row {row})"),
             );
-            Ok(Worker { channel, done })
+            Ok(Worker { pid, channel, done })
         }
         _ => {
             sup.pool.kill_if_live(pid);
