@@ -66,7 +66,8 @@ Channels:
   is taken as one only if it cannot be read as host:port:maxc ('db1::5' is host db1
   with maxc 5, 'fe80::1' is host fe80 with maxc 1): use brackets.
   An empty or missing port means PORT; ports may be numbers or service names.
-  maxc caps the channel's concurrent connections; empty, missing or 0 means no cap.
+  maxc caps the channel's concurrent connections; empty, missing or 0 means no cap,
+  negative that the channel is never chosen (until the shell's maxc changes it).
   '!' ends a group and makes it round robin, '%' ends it and makes it a hash group
   (by client address). The last group is round robin unless a '%' ends it.
   The first group with a usable channel serves a connection; later groups are failover.
@@ -196,8 +197,9 @@ pub struct ChannelSpec {
     /// Name or address literal; IPv6 without brackets.
     pub host: String,
     pub port: u16,
-    /// Most concurrent connections; 0 means no limit.
-    pub maxc: u32,
+    /// Most concurrent connections; 0 means no limit, a negative value that the channel is
+    /// never chosen (as in the original, where `host::-1` made a standby channel).
+    pub maxc: i32,
     /// The operand as typed.
     pub text: String,
 }
@@ -869,14 +871,12 @@ fn parse_fields(
     };
     let maxc = match maxc_text {
         "" => 0,
-        text => decimal(text)
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| {
-                CliError::plain(
-                    EX_USAGE,
-                    format!("invalid maxc [{text}] in channel [{operand}]"),
-                )
-            })?,
+        text => signed_maxc(text).ok_or_else(|| {
+            CliError::plain(
+                EX_USAGE,
+                format!("invalid maxc [{text}] in channel [{operand}]"),
+            )
+        })?,
     };
     Ok(ChannelSpec {
         host: host.to_owned(),
@@ -884,6 +884,20 @@ fn parse_fields(
         maxc,
         text: operand.to_owned(),
     })
+}
+
+/// A channel's maxc: a decimal number, with a leading `-` for a channel never chosen, from
+/// -2147483648 to 4294967295; above 2147483647 (what the table holds) it is 2147483647,
+/// which no worker reaches anyway.
+fn signed_maxc(text: &str) -> Option<i32> {
+    match text.strip_prefix('-') {
+        Some(digits) => decimal(digits)
+            .and_then(|n| i64::try_from(n).ok())
+            .and_then(|n| i32::try_from(-n).ok()),
+        None => decimal(text)
+            .filter(|&n| n <= u64::from(u32::MAX))
+            .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
+    }
 }
 
 /// The host part of a channel and the `port[:maxc]` text after its `:`, if any.
@@ -1019,7 +1033,7 @@ http 80/tcp www
         );
     }
 
-    fn channel(host: &str, port: u16, maxc: u32, text: &str) -> ChannelSpec {
+    fn channel(host: &str, port: u16, maxc: i32, text: &str) -> ChannelSpec {
         ChannelSpec {
             host: host.into(),
             port,
@@ -1473,13 +1487,33 @@ http 80/tcp www
 
     #[test]
     fn channel_fields_may_be_empty() {
-        let p = proxy(&["80", "h:", "h::", "h:81:", "h::4294967295"]);
+        let p = proxy(&[
+            "80",
+            "h:",
+            "h::",
+            "h:81:",
+            "h::4294967295",
+            "h::-1",
+            "h::-2147483648",
+        ]);
         let got: Vec<_> = p.groups[0]
             .channels
             .iter()
             .map(|c| (c.port, c.maxc))
             .collect();
-        assert_eq!(got, [(80, 0), (80, 0), (81, 0), (80, u32::MAX)]);
+        // A negative maxc is a channel never chosen, as in the original (`maxc` in the
+        // shell takes it too); the largest counts are as good as no limit.
+        assert_eq!(
+            got,
+            [
+                (80, 0),
+                (80, 0),
+                (81, 0),
+                (80, i32::MAX),
+                (80, -1),
+                (80, i32::MIN)
+            ]
+        );
     }
 
     #[test]
@@ -1547,7 +1581,10 @@ http 80/tcp www
         }
         for (op, maxc) in [
             ("h:80:x", "x"),
-            ("h:80:-1", "-1"),
+            ("h:80:+1", "+1"),
+            ("h:80:--1", "--1"),
+            ("h:80:-", "-"),
+            ("h::-2147483649", "-2147483649"),
             ("h::3:9", "3:9"),
             ("h::4294967296", "4294967296"),
         ] {

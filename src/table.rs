@@ -280,7 +280,7 @@ fn describe(ch: &ChannelConfig) -> String {
 #[derive(Debug, Clone)]
 pub struct InitialGroup {
     pub kind: GroupKind,
-    pub channels: Vec<(SocketAddr, u32)>,
+    pub channels: Vec<(SocketAddr, i32)>,
 }
 
 #[derive(Debug)]
@@ -415,8 +415,7 @@ impl Table {
             for (c, (addr, maxc)) in spec.channels.iter().enumerate().take(MAX_CHANNELS) {
                 let ch = &l.channels[g][c];
                 store_addr(ch, *addr);
-                ch.maxc
-                    .store(i32::try_from(*maxc).unwrap_or(i32::MAX), Ordering::Relaxed);
+                ch.maxc.store(*maxc, Ordering::Relaxed);
                 ch.status.store(1, Ordering::Relaxed);
             }
             let n = spec.channels.len().min(MAX_CHANNELS) as u32;

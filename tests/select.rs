@@ -26,6 +26,24 @@ fn round_robin_in_order() {
     assert_eq!(tags(&b, 7), ["B1", "B2", "B3", "B1", "B2", "B3", "B1"]);
 }
 
+/// A negative maxc on the command line, as the original accepted it: a standby channel,
+/// never chosen until the shell's `maxc` gives it a limit it can meet.
+#[test]
+fn a_negative_maxc_makes_a_standby_channel() {
+    if !require_root() {
+        return;
+    }
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let b2 = Backend::start("B2", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[format!("{}:-1", b1.operand()), b2.operand()]);
+    assert_eq!(tags(&b, 3), ["B2", "B2", "B2"]);
+    let out = b.control("maxc 0 0");
+    assert!(out.status.success(), "{out:?}");
+    let mut seen = tags(&b, 2);
+    seen.sort();
+    assert_eq!(seen, ["B1", "B2"]);
+}
+
 #[test]
 fn round_robin_skips_disabled_and_failed_channels() {
     if !require_root() {

@@ -20,8 +20,8 @@ use balance::control::{Command as ControlCommand, ParseError};
 use balance::ipc::{self, IpcError, Message, MAX_MESSAGE};
 use balance::select;
 use balance::table::{
-    self, Channel, GroupKind, Header, InitialGroup, Layout, Snapshot, Table, TableError,
-    MAX_CHANNELS, MAX_GROUPS, MAX_POOL, MAX_WORKERS, TABLE_SIZE,
+    self, AuditRing, Channel, GroupKind, Header, InitialGroup, Layout, Snapshot, Table, TableError,
+    AUDIT_SLOTS, AUDIT_TEXT, MAX_CHANNELS, MAX_GROUPS, MAX_POOL, MAX_WORKERS, TABLE_SIZE,
 };
 
 /// A services(5) table with names, aliases and entries the parser must skip.
@@ -181,7 +181,7 @@ impl TableFixture {
             },
             InitialGroup {
                 kind: GroupKind::RoundRobin,
-                channels: vec![(addr("192.0.2.9:65535"), u32::MAX)],
+                channels: vec![(addr("192.0.2.9:65535"), i32::MAX)],
             },
         ];
         let table = Table::initialise(&file, &groups).expect("initialise the table");
@@ -240,6 +240,15 @@ pub fn check_table_bytes(fixture: &TableFixture, data: &[u8]) -> usize {
     if flags & 2 != 0 {
         fixture.write(&header_word.1.to_le_bytes(), 4 * header_word.0);
     }
+    // The audit ring lies far into the table: the same bytes go there too when asked.
+    let ring_at = offset_of!(Layout, audit);
+    if flags & 8 != 0 {
+        let ring = &body[..body.len().min(size_of::<AuditRing>())];
+        fixture.write(ring, ring_at);
+        let end = ring_at + ring.len();
+        fixture.dirty.fetch_max(end, Ordering::Relaxed);
+    }
+    check_audit(&fixture.table, u64::from(seed));
     let l = fixture.table.layout();
     for (cursor, group) in l.cursors.iter().zip(&l.groups) {
         cursor.store(group.reserved[0].load(Ordering::Relaxed), Ordering::Relaxed);
@@ -278,6 +287,18 @@ pub fn check_table_bytes(fixture: &TableFixture, data: &[u8]) -> usize {
     };
     check_candidates(&table, &snap, &chosen, hash_failover);
     chosen.len()
+}
+
+/// Reading the audit ring from any point, whatever it holds, returns at most a ringful of
+/// bounded lines and never goes backwards.
+fn check_audit(table: &Table, from: u64) {
+    let batch = table.read_audit(from);
+    assert!(batch.lines.len() <= AUDIT_SLOTS);
+    assert!(batch.next >= from);
+    for line in &batch.lines {
+        // Lossy decoding can turn each byte into a three-byte replacement character.
+        assert!(line.len() <= 3 * AUDIT_TEXT, "{} bytes", line.len());
+    }
 }
 
 /// What `Table::open` must answer for `header`.
