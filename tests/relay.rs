@@ -308,8 +308,14 @@ fn idle_connections_hold_no_pipe() {
 /// Balance with one worker in front of a backend the test plays itself on `listener`; the
 /// worker's pid.
 fn one_worker_in_front_of(listener: &std::net::TcpListener) -> (Balance, u32) {
+    one_worker_with(&[], listener)
+}
+
+/// The same, with options.
+fn one_worker_with(flags: &[&str], listener: &std::net::TcpListener) -> (Balance, u32) {
     let operand = listener.local_addr().expect("addr").to_string();
     let b = Balance::start_with(Start {
+        flags,
         operands: &[operand],
         workers: 1,
         ..Start::default()
@@ -447,6 +453,21 @@ fn unacknowledged(conn: &TcpStream) -> usize {
     usize::try_from(n).expect("queue length")
 }
 
+/// What a socket's peer has not acknowledged once that stops changing (checked every
+/// 100 ms, for at most 10 s): what a reset of this socket now would lose.
+fn settled_unacknowledged(conn: &TcpStream) -> usize {
+    let mut queued = unacknowledged(conn);
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = unacknowledged(conn);
+        if now == queued {
+            break;
+        }
+        queued = now;
+    }
+    queued
+}
+
 /// Reads to the end; the bytes read and how the stream ended.
 fn read_to_end_or_reset(conn: &mut TcpStream) -> (usize, &'static str) {
     conn.set_nonblocking(false).expect("blocking");
@@ -487,16 +508,7 @@ fn what_a_backend_sent_before_its_reset_reaches_the_client() {
     let written = write_until_stalled(&mut backend, 16 * MIB);
     // Whatever the backend's kernel still holds is lost with the reset (as on a direct
     // connection); the rest has reached balance. Wait for that to settle.
-    let mut queued = unacknowledged(&backend);
-    for _ in 0..100 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = unacknowledged(&backend);
-        if now == queued {
-            break;
-        }
-        queued = now;
-    }
-    let reached_balance = written - queued;
+    let reached_balance = written - settled_unacknowledged(&backend);
     assert!(
         reached_balance > 512 * 1024,
         "only {reached_balance} bytes reached balance"
@@ -552,13 +564,7 @@ fn packet_dump_shows_a_reset_as_minus_one() {
         return;
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let operand = listener.local_addr().expect("addr").to_string();
-    let b = Balance::start_with(Start {
-        flags: &["-p"],
-        operands: &[operand],
-        workers: 1,
-        ..Start::default()
-    });
+    let (b, _worker) = one_worker_with(&["-p"], &listener);
     let mut client = TcpStream::connect(b.addr()).expect("connect");
     let (mut backend, _) = listener.accept().expect("accept");
     backend.write_all(b"hi").expect("send");
@@ -638,16 +644,7 @@ fn a_survivor_that_writes_before_it_reads_still_gets_what_it_is_owed() {
         let answered = write_until_stalled(&mut survivor, 256 * MIB);
         assert!(answered < 256 * MIB, "the answer never stalled");
         // What the failing side's kernel still holds is lost with its reset.
-        let mut queued = unacknowledged(&failing);
-        for _ in 0..100 {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = unacknowledged(&failing);
-            if now == queued {
-                break;
-            }
-            queued = now;
-        }
-        let reached_balance = uploaded - queued;
+        let reached_balance = uploaded - settled_unacknowledged(&failing);
         let reset_at = Instant::now();
         reset(failing);
         // The survivor finishes writing (4 MiB more than fits anywhere), then reads.
@@ -744,14 +741,7 @@ fn a_half_closed_connection_ends_after_the_half_close_timeout() {
         return;
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let operand = listener.local_addr().expect("addr").to_string();
-    let b = Balance::start_with(Start {
-        flags: &["--half-close-timeout", "1"],
-        operands: &[operand],
-        workers: 1,
-        ..Start::default()
-    });
-    let worker = b.workers()[0];
+    let (b, worker) = one_worker_with(&["--half-close-timeout", "1"], &listener);
     let baseline = fds_of_kind(worker, "socket:");
     let mut client = TcpStream::connect(b.addr()).expect("connect");
     let (mut backend, _) = listener.accept().expect("accept");
