@@ -442,7 +442,7 @@ const OPTIONS: &[OptSpec] = &[
     short(Opt::ConnectTimeout, "t", Some("SEC"), "Connect timeout per channel, 1 to 2147483647 [default: 5]"),
     short(Opt::IdleTimeout, "T", Some("SEC"), "Drop connections idle for SEC seconds, 0: never [default: 0]"),
     short(Opt::Ipv6, "6", None, "Listen on IPv6, dual stack (IPv4 clients are accepted too)"),
-    long(Opt::HalfCloseTimeout, "half-close-timeout", Some("SEC"), "Drop connections one side has ended once idle for SEC seconds, 0: never [default: 60]"),
+    long(Opt::HalfCloseTimeout, "half-close-timeout", Some("SEC"), "Reset connections one side has ended once silent for SEC seconds, 0: never [default: 60]"),
     long(Opt::User, "user", Some("NAME"), "Run the supervisor and workers as user NAME [default: balance]"),
     long(Opt::Workers, "workers", Some("N"), "Number of workers, 1 to 32 [default: one per CPU]"),
     long(Opt::Pidfile, "pidfile", Some("PATH"), "Write the supervisor's process id to PATH"),

@@ -37,9 +37,10 @@ pub struct Logger {
     warned_unavailable: bool,
     /// When a connection was last attempted without one (daemon, audit).
     retried: (Option<Instant>, Option<Instant>),
-    /// Lines that could not be delivered since the last one that was: said once syslog
-    /// takes lines again, so that a gap in the record is visible.
-    dropped: u64,
+    /// Lines that could not be delivered since the last one that was, per channel (daemon,
+    /// audit): said on that channel once syslog takes lines again, so that a gap in each
+    /// record is visible in that record.
+    dropped: [u64; 2],
 }
 
 /// The syslog socket on Linux.
@@ -62,7 +63,7 @@ impl Logger {
             verbose,
             warned_unavailable: false,
             retried: (None, None),
-            dropped: 0,
+            dropped: [0; 2],
         };
         logger.daemon = logger.connect(Channel::Daemon);
         logger.audit = logger.connect(Channel::Audit);
@@ -81,7 +82,7 @@ impl Logger {
             verbose: false,
             warned_unavailable: true,
             retried: (None, None),
-            dropped: 0,
+            dropped: [0; 2],
         }
     }
 
@@ -153,15 +154,16 @@ impl Logger {
     /// Sends one line: on an existing connection, or a new one when there is none (at most
     /// one attempt a second) or the existing one just failed (syslogd restarted).
     fn send(&mut self, channel: Channel, priority: Priority, text: &str) {
+        let slot = channel as usize;
         if !self.deliver(channel, priority, text) {
-            self.dropped += 1;
-        } else if self.dropped > 0 {
+            self.dropped[slot] += 1;
+        } else if self.dropped[slot] > 0 {
             let gap = format!(
                 "{} log line(s) could not be delivered to syslog before this one",
-                std::mem::take(&mut self.dropped)
+                std::mem::take(&mut self.dropped[slot])
             );
             if !self.deliver(channel, Priority::Warning, &gap) {
-                self.dropped += 1;
+                self.dropped[slot] += 1;
             }
         }
     }

@@ -195,6 +195,11 @@ impl Flow {
         self.done
     }
 
+    /// Bytes read from the source wait for the destination to take them.
+    pub fn has_pending(&self) -> bool {
+        !matches!(self.pending, Pending::Nothing)
+    }
+
     /// Gives this direction up (its destination failed): what is pending for it is
     /// dropped, and from now on what its source sends is read and dropped too, so that a
     /// source that writes before it reads (a client sending its whole body before reading
@@ -356,7 +361,8 @@ fn discard<S: AsFd>(
         let fd = src.socket.as_fd().as_raw_fd();
         match nix::sys::socket::recv(fd, &mut spares.scratch, MsgFlags::MSG_TRUNC) {
             Ok(0) => flow.eof = true,
-            Ok(n) if n < drop_at_most => src.ready.readable = false,
+            // At the urgent mark a read stops short with more behind it (see `copy`).
+            Ok(n) if n < drop_at_most && !src.ready.urgent => src.ready.readable = false,
             Ok(_) => {}
             Err(Errno::EAGAIN | Errno::EINTR) => src.ready.readable = false,
             Err(e) => return Err(failed_at(Side::Source)(e.into())),

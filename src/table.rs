@@ -359,9 +359,11 @@ impl Table {
         let ring = &self.layout().audit;
         let next = ring.next.load(Ordering::Acquire);
         let first = from.max(next.saturating_sub(AUDIT_SLOTS as u64));
+        // `next` below `from` was set back by a writer: start again from there rather than
+        // wait, without logging, until it passes `from`.
         let mut batch = AuditBatch {
             lost: first.saturating_sub(from),
-            next: next.max(from),
+            next,
             ..AuditBatch::default()
         };
         for n in first..next {
@@ -722,8 +724,9 @@ impl Writer<'_> {
             word.store(u64::from_le_bytes(eight), Ordering::Relaxed);
         }
         record.len.store(len as u32, Ordering::Relaxed);
-        record.seq.store(n + 1, Ordering::Release);
-        ring.next.store(n + 1, Ordering::Release);
+        // Wrapping: whatever another writer left in `next`, appending cannot panic.
+        record.seq.store(n.wrapping_add(1), Ordering::Release);
+        ring.next.store(n.wrapping_add(1), Ordering::Release);
     }
 
     /// Appends a disabled channel to group `g`, with no connection limit and every counter
@@ -946,6 +949,16 @@ mod tests {
         table.update(|w| w.append_audit(&long)).expect("append");
         let cut = table.read_audit(later.next);
         assert_eq!(cut.lines, ["é".repeat(AUDIT_TEXT / 2)]);
+        // A writer that sets the count back: reading starts again from there, at once.
+        table.layout().audit.next.store(1, Ordering::Relaxed);
+        let reset = table.read_audit(cut.next);
+        assert_eq!((reset.lines.len(), reset.next), (0, 1));
+        table.update(|w| w.append_audit("after")).expect("append");
+        assert_eq!(table.read_audit(reset.next).lines, ["after"]);
+        // At the end of the count, appending wraps instead of failing.
+        table.layout().audit.next.store(u64::MAX, Ordering::Relaxed);
+        table.update(|w| w.append_audit("last")).expect("append");
+        assert_eq!(table.audit_next(), 0);
     }
 
     #[test]

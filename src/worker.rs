@@ -207,13 +207,15 @@ fn receive_start(
 #[derive(Default)]
 struct Deadlines(BinaryHeap<Reverse<Timer>>);
 
-/// Entries allowed beyond twice the live connections before a sweep.
+/// Entries allowed beyond three per live connection before a sweep. A connection has at
+/// most two deadlines that apply (idle, and half-close or stall), so a sweep leaves at most
+/// two per connection and the next one is at least a connection's worth of pushes away.
 const DEADLINE_SLACK: usize = 64;
 
 impl Deadlines {
     /// Adds a deadline; `applies` tells a current entry from a stale one for the sweep.
     fn push(&mut self, timer: Timer, live: usize, applies: impl Fn(&Timer) -> bool) {
-        if self.0.len() >= 2 * live + DEADLINE_SLACK {
+        if self.0.len() >= 3 * live + DEADLINE_SLACK {
             self.0.retain(|Reverse(t)| applies(t));
         }
         self.0.push(Reverse(timer));
@@ -747,7 +749,7 @@ mod tests {
             let when = now + Duration::from_secs(3600 + u64::from(entry));
             d.push(timer(when, entry), 10, applies);
             assert!(
-                d.0.len() <= 2 * 10 + DEADLINE_SLACK + 1,
+                d.0.len() <= 3 * 10 + DEADLINE_SLACK + 1,
                 "the heap grew to {}",
                 d.0.len()
             );

@@ -377,6 +377,22 @@ fn a_run_directory_out_of_reach_is_explained() {
     );
 }
 
+/// A channel that looks like a bare IPv6 address but reads, as in the original, as
+/// host:port:maxc starts as the original would have it, with a warning that says so.
+#[test]
+fn an_ipv6_lookalike_channel_is_pointed_out() {
+    if !require_root() {
+        return;
+    }
+    let b = Balance::start(&[], &["127::1".to_string()]);
+    assert!(
+        b.logged("channel 127::1 is read as host 127 port")
+            && b.stderr().contains("for the IPv6 address write [127::1]"),
+        "stderr:\n{}",
+        b.stderr()
+    );
+}
+
 #[test]
 fn daemon_detaches_and_sigterm_cleans_up() {
     if !require_root() {

@@ -732,9 +732,10 @@ fn data_after_urgent_data_is_relayed() {
     }
 }
 
-/// A connection that one side has ended is closed once nothing moves for
+/// A connection that one side has ended is reset once nothing moves for
 /// `--half-close-timeout` (here 1 s), so that a backend that never answers a client's FIN
-/// does not hold it for ever; while data still flows the other way, it stays open.
+/// does not hold it for ever; while data still flows the other way, or waits in balance for
+/// a slow reader, it stays open.
 #[test]
 fn a_half_closed_connection_ends_after_the_half_close_timeout() {
     if !require_root() {
@@ -743,31 +744,32 @@ fn a_half_closed_connection_ends_after_the_half_close_timeout() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let (b, worker) = one_worker_with(&["--half-close-timeout", "1"], &listener);
     let baseline = fds_of_kind(worker, "socket:");
-    let mut client = TcpStream::connect(b.addr()).expect("connect");
-    let (mut backend, _) = listener.accept().expect("accept");
-    client.write_all(b"request").expect("request");
-    client.shutdown(Shutdown::Write).expect("half-close");
-    let mut request = Vec::new();
-    backend
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    backend
-        .read_to_end(&mut request)
-        .expect("request and its end");
-    assert_eq!(request, b"request");
+    let half_closed = || {
+        let mut client = TcpStream::connect(b.addr()).expect("connect");
+        let (mut backend, _) = listener.accept().expect("accept");
+        client.write_all(b"request").expect("request");
+        client.shutdown(Shutdown::Write).expect("half-close");
+        let mut request = Vec::new();
+        backend
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        backend
+            .read_to_end(&mut request)
+            .expect("request and its end");
+        assert_eq!(request, b"request");
+        (client, backend)
+    };
+
     // The backend answers slowly for 2 s: every gap is shorter than the timeout.
+    let (mut client, mut backend) = half_closed();
     let started = Instant::now();
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(250));
         backend.write_all(b"x").expect("slow answer");
     }
-    // Then it goes quiet without closing: balance ends the connection a second later.
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let mut answer = Vec::new();
-    client.read_to_end(&mut answer).expect("answer and its end");
-    assert_eq!(answer, b"xxxxxxxx");
+    // Then it goes quiet without closing: a second later balance cuts the connection, with
+    // a reset, so that the client cannot take what it got for a complete answer.
+    assert_eq!(read_to_end_or_reset(&mut client), (8, "reset"));
     let took = started.elapsed();
     assert!(
         took >= Duration::from_millis(2900) && took < Duration::from_secs(5),
@@ -778,10 +780,25 @@ fn a_half_closed_connection_ends_after_the_half_close_timeout() {
             == baseline),
         "balance still holds the connection"
     );
-    let mut rest = Vec::new();
+    // The backend had read the client's end already: the reset shows on its next write.
+    let late = backend.write_all(b"late").and_then(|()| {
+        std::thread::sleep(Duration::from_millis(100));
+        backend.write_all(b"late")
+    });
+    assert!(late.is_err(), "the backend was not reset");
+
+    // A client that pauses its reading: the answer waits in balance, longer than the
+    // timeout, and is all delivered.
+    let (mut client, mut backend) = half_closed();
+    let answer = vec![3u8; 16 * MIB];
+    let writer = std::thread::spawn(move || {
+        backend.write_all(&answer).expect("answer");
+        drop(backend);
+    });
+    std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(
-        backend.read_to_end(&mut rest).expect("end"),
-        0,
-        "the backend sees the end"
+        read_to_end_or_reset(&mut client),
+        (16 * MIB, "end of stream")
     );
+    writer.join().expect("backend");
 }

@@ -470,8 +470,10 @@ impl Session<'_> {
 
     /// Asks the supervisor to shut down (a flag it polls; no signal, no pid) and waits until
     /// it has let go of the table. The flag is an atomic outside the configuration, so it is
-    /// set without the writer lock: a stuck writer cannot prevent a shutdown.
-    /// The record goes first: the supervisor logs what is in the ring before it stops.
+    /// set without the writer lock: a stuck writer cannot prevent a shutdown. The record
+    /// goes first (the supervisor logs the ring before it stops); it takes the lock, so a
+    /// stuck writer delays the shutdown by the lock's timeout (then the record goes
+    /// straight to syslog).
     fn kill(&self, cmd: &Command) -> Result<Reply, Failure> {
         self.record(&self.event(cmd, None, "running", "shutting down"));
         self.table.header().shutdown.store(1, Ordering::Release);

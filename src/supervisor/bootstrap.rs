@@ -107,7 +107,7 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
         .local_addr()
         .map_or_else(|_| format!("port {}", listen.port), |a| a.to_string());
     let table_name = table_file_name(listen.port, listen.bind.as_deref());
-    let mut warnings = Vec::new();
+    let mut warnings = ipv6_lookalikes(args);
     let run_dir = prepare_run_dir(
         &args.common.run_dir,
         account.as_ref(),
@@ -195,6 +195,24 @@ fn control_group(name: &str, account: &Account) -> Result<Gid, Fatal> {
             format!("balance: cannot look up group {name}: {e}"),
         )),
     }
+}
+
+/// Channels written like a bare IPv6 address but read, as by the original, as
+/// host:port:maxc (`2001::1` is host 2001, that is 0.0.7.209, with maxc 1): said, since a
+/// numeric host resolves and nothing else would show it.
+fn ipv6_lookalikes(args: &ProxyArgs) -> Vec<String> {
+    args.groups
+        .iter()
+        .flat_map(|g| &g.channels)
+        .filter(|c| c.host != c.text && crate::cli::is_bare_ipv6(&c.text))
+        .map(|c| {
+            format!(
+                "channel {} is read as host {} port {} maxc {}, as the original read it; \
+                 for the IPv6 address write [{}]",
+                c.text, c.host, c.port, c.maxc, c.text
+            )
+        })
+        .collect()
 }
 
 fn resolve_groups(args: &ProxyArgs) -> Result<Vec<InitialGroup>, Fatal> {

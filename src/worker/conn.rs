@@ -614,14 +614,14 @@ impl Worker {
             self.busy.push(Busy::Conn(i, serial));
         }
         // One direction has ended (passed on as a half-close): the peer that has not ended
-        // its own gets `--half-close-timeout` of silence.
+        // its own gets `--half-close-timeout` of silence (unless `-T`, no longer, ends the
+        // connection first).
         let ended_one = conn.up.is_done() != conn.down.is_done();
-        if let (true, false, None, Some(limit)) = (
-            ended_one,
-            conn.half_closed,
-            &conn.abort,
-            self.half_close_timeout,
-        ) {
+        let limit = self
+            .half_close_timeout
+            .filter(|&h| self.idle_timeout.is_none_or(|t| t > h));
+        if let (true, false, None, Some(limit)) = (ended_one, conn.half_closed, &conn.abort, limit)
+        {
             conn.half_closed = true;
             if let Some(when) = conn.last_activity.checked_add(limit) {
                 let serial = conn.serial;
@@ -686,7 +686,15 @@ impl Worker {
                         TimerKind::Idle => (self.idle_timeout, Ending::IdleTimeout),
                         _ => (self.half_close_timeout, Ending::HalfCloseTimeout),
                     };
-                    let last = self.conns[i].as_ref().map(|c| c.last_activity);
+                    let last = self.conns[i].as_ref().map(|c| {
+                        // A half-closed connection whose open direction holds data for a
+                        // slow reader is waiting on the reader, not on a silent peer.
+                        let open = if c.up.is_done() { &c.down } else { &c.up };
+                        match timer.kind {
+                            TimerKind::HalfClosed if open.has_pending() => self.now,
+                            _ => c.last_activity,
+                        }
+                    });
                     let due = last.zip(limit).and_then(|(l, d)| l.checked_add(d));
                     match due {
                         Some(due) if due <= self.now => self.close(i, ending),
@@ -746,6 +754,13 @@ impl Worker {
                 (true, _) => relay::reset_on_close(&conn.client),
                 (false, Some(backend)) => relay::reset_on_close(backend),
                 (false, None) => {}
+            }
+        } else if matches!(ending, Ending::HalfCloseTimeout) {
+            // Cut short, not finished: a reset says so to both (a FIN would make what
+            // the silent side never sent look like a complete answer).
+            relay::reset_on_close(&conn.client);
+            if let Some(backend) = &conn.backend {
+                relay::reset_on_close(backend);
             }
         }
         if let Some((g, c)) = conn.slot {
