@@ -115,7 +115,10 @@ impl Logger {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
         let conn = syslog::unix_custom(formatter, &path);
         match conn {
-            Ok(c) => Some(c),
+            Ok(c) => {
+                never_block(&c);
+                Some(c)
+            }
             Err(e) => {
                 if !self.warned_unavailable {
                     self.warned_unavailable = true;
@@ -226,6 +229,22 @@ impl Logger {
         true
     }
 }
+
+/// A syslog daemon that stops reading must not stop balance: its datagram socket is made
+/// non-blocking (a full queue drops the line, which is then counted), and a stream socket
+/// gets a short send timeout (a non-blocking stream could leave half a line behind).
+fn never_block(conn: &Conn) {
+    let _ = match &conn.backend {
+        LoggerBackend::Unix(socket) => socket.set_nonblocking(true),
+        LoggerBackend::UnixStream(writer) => writer
+            .get_ref()
+            .set_write_timeout(Some(STREAM_SEND_TIMEOUT)),
+        _ => Ok(()),
+    };
+}
+
+/// How long a send to a stream syslog socket may wait.
+const STREAM_SEND_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The text with control characters escaped (`\n` as the two characters `\` `n`): a
 /// line of the log stays one line, whatever a path, a host name or a worker's message

@@ -453,6 +453,46 @@ fn logging_survives_a_syslog_restart() {
     );
 }
 
+/// A syslog daemon that stops reading (its socket's queue full) does not stop balance:
+/// lines are dropped, and a reload and a stop still work.
+#[test]
+fn a_syslog_that_stops_reading_does_not_wedge_the_supervisor() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-stuck");
+    let path = dir.join("log");
+    // Bound, never read: after a few lines (net.unix.max_dgram_qlen) sends would block.
+    let stuck = UnixDatagram::bind(&path).expect("bind");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let flags = syslog_flags(&path);
+    let mut flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flag_refs.push("--log-connections");
+    let mut b = Balance::start(&flag_refs, &[backend.operand()]);
+    for _ in 0..100 {
+        assert_eq!(greeting(b.addr()), "B1");
+    }
+    let before = b.workers();
+    signal(b.pid, Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let now = b.workers();
+            !now.is_empty() && now.iter().all(|w| !before.contains(w))
+        }),
+        "the reload did not replace the workers"
+    );
+    let started = Instant::now();
+    let status = b.terminate().expect("exit status");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(stuck);
+}
+
 #[test]
 fn without_syslog_balance_runs_and_says_so_once() {
     if !require_root() {
