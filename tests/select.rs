@@ -254,6 +254,45 @@ fn a_failover_does_not_rewind_the_rotation() {
     assert_eq!(tags(&b, 3), ["B3", "B1", "B2"]);
 }
 
+/// A client that resets while its backend connect is still under way gives its place
+/// under maxc back at once, not when the connect times out.
+#[test]
+fn a_client_reset_during_the_connect_frees_its_place_at_once() {
+    if !require_root() {
+        return;
+    }
+    let hole = Blackhole::start();
+    let b = Balance::start_with(Start {
+        flags: &["-t", "5"],
+        operands: &[format!("{}:1", hole.operand())],
+        workers: 1,
+        ..Start::default()
+    });
+    let path = b.table_path();
+    let client = TcpStream::connect(b.addr()).expect("connect");
+    assert!(
+        wait_until(Duration::from_secs(3), || counters(&path, 0, 0).0 == 1),
+        "the connect attempt holds the place"
+    );
+    let now = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&client, nix::sys::socket::sockopt::Linger, &now)
+        .expect("SO_LINGER");
+    let reset_at = Instant::now();
+    drop(client);
+    assert!(
+        wait_until(Duration::from_secs(3), || counters(&path, 0, 0).0 == 0),
+        "the place is still held"
+    );
+    assert!(
+        reset_at.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        reset_at.elapsed()
+    );
+}
+
 #[test]
 fn all_channels_failing_closes_the_client() {
     if !require_root() {

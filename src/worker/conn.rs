@@ -199,6 +199,23 @@ impl Worker {
         if matches!(conn.phase, Phase::Relaying(_)) {
             return self.relay(i);
         }
+        // A client that reset while its backend is being connected is gone: the attempt
+        // is dropped at once (its place under maxc with it), not carried to its end and
+        // relayed to nobody. A client's FIN is not that: its request may still go through.
+        let error = relay::take_error(End {
+            socket: &conn.client,
+            ready: &mut conn.client_ready,
+        });
+        if let Some(e) = error {
+            let peer = conn.peer;
+            self.debug(format_args!(
+                "connection from {peer} reset while connecting: {e}"
+            ));
+            return self.close(i, Ending::Error(e));
+        }
+        let Some(Some(conn)) = self.conns.get_mut(i) else {
+            return;
+        };
         let r = conn.backend_ready;
         if conn.backend.is_none() || !(r.writable || r.error) {
             // Client events while connecting wait in the readiness flags.
