@@ -840,8 +840,16 @@ fn parse_channel(
     })
 }
 
+impl ChannelSpec {
+    /// Written like a bare IPv6 address but read, as the original read it, as
+    /// host:port:maxc (`fe80::1` is host fe80 with maxc 1).
+    pub fn reads_like_ipv6(&self) -> bool {
+        self.host != self.text && is_bare_ipv6(&self.text)
+    }
+}
+
 /// An IPv6 literal without brackets, with an optional `%zone`.
-pub fn is_bare_ipv6(text: &str) -> bool {
+fn is_bare_ipv6(text: &str) -> bool {
     let addr = text.split_once('%').map_or(text, |(addr, _zone)| addr);
     addr.parse::<Ipv6Addr>().is_ok()
 }

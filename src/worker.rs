@@ -141,7 +141,12 @@ pub fn run() -> Result<(), WorkerError> {
         row: config.row as usize,
         connect_timeout: Duration::from_secs(config.connect_timeout_secs),
         idle_timeout: config.idle_timeout_secs.map(Duration::from_secs),
-        half_close_timeout: config.half_close_timeout_secs.map(Duration::from_secs),
+        // With `-T` no longer, the idle timeout ends a half-closed connection first: no
+        // second deadline is kept for it.
+        half_close_timeout: config
+            .half_close_timeout_secs
+            .map(Duration::from_secs)
+            .filter(|&h| config.idle_timeout_secs.is_none_or(|t| t > h.as_secs())),
         config,
         table,
         channel,

@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use crate::sys;
 use crate::table::{Table, TableError};
@@ -41,11 +42,7 @@ pub fn attach(path: &Path) -> Result<Attached, AccessError> {
     if !master_alive(&file).map_err(AccessError::Io)? {
         let pid = Table::open(&file, false)
             .ok()
-            .map(|t| {
-                t.header()
-                    .supervisor_pid
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
+            .map(|t| t.header().supervisor_pid.load(Ordering::Relaxed))
             .filter(|&pid| pid != 0);
         return Err(AccessError::NoMaster(pid));
     }

@@ -362,7 +362,7 @@ impl Session<'_> {
         AuditEvent {
             uid: nix::unistd::getuid().as_raw(),
             command: cmd.name(),
-            group: self.group,
+            group: Some(self.group),
             channel: channel.and_then(index),
             old: old.into(),
             new: new.into(),
@@ -475,7 +475,10 @@ impl Session<'_> {
     /// stuck writer delays the shutdown by the lock's timeout (then the record goes
     /// straight to syslog).
     fn kill(&self, cmd: &Command) -> Result<Reply, Failure> {
-        self.record(&self.event(cmd, None, "running", "shutting down"));
+        let mut event = self.event(cmd, None, "running", "shutting down");
+        // About the instance, not the group the shell is in.
+        event.group = None;
+        self.record(&event);
         self.table.header().shutdown.store(1, Ordering::Release);
         let deadline = Instant::now() + KILL_WAIT;
         loop {

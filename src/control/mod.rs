@@ -58,7 +58,8 @@ pub struct AuditEvent {
     pub uid: u32,
     /// Full command name (`disable`, not `d`).
     pub command: &'static str,
-    pub group: usize,
+    /// None for a command on the whole instance (`kill`).
+    pub group: Option<usize>,
     /// None for commands on the whole group or the instance (`hash`, `kill`).
     pub channel: Option<usize>,
     pub old: String,
@@ -78,9 +79,8 @@ impl std::fmt::Display for AuditEvent {
             std::process::id(),
             self.command,
         )?;
-        // `kill` is about the instance, not the group the shell was in.
-        if self.command != "kill" {
-            write!(f, " group {}", self.group)?;
+        if let Some(g) = self.group {
+            write!(f, " group {g}")?;
         }
         if let Some(c) = self.channel {
             write!(f, " channel {c}")?;

@@ -204,7 +204,7 @@ fn ipv6_lookalikes(args: &ProxyArgs) -> Vec<String> {
     args.groups
         .iter()
         .flat_map(|g| &g.channels)
-        .filter(|c| c.host != c.text && crate::cli::is_bare_ipv6(&c.text))
+        .filter(|c| c.reads_like_ipv6())
         .map(|c| {
             format!(
                 "channel {} is read as host {} port {} maxc {}, as the original read it; \
@@ -235,7 +235,7 @@ fn resolve_groups(args: &ProxyArgs) -> Result<Vec<InitialGroup>, Fatal> {
 fn resolve_channel(spec: &ChannelSpec) -> Result<SocketAddr, Fatal> {
     resolve_host(&spec.host, spec.port).map_err(|mut e| {
         // `fe80::1` reads as host `fe80` with maxc 1, as in the original.
-        if spec.host != spec.text && crate::cli::is_bare_ipv6(&spec.text) {
+        if spec.reads_like_ipv6() {
             e.message += &format!(" (for the IPv6 address, write [{}])", spec.text);
         }
         e

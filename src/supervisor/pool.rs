@@ -372,11 +372,11 @@ async fn serve_slot(
                         let (sup2, pid) = (Rc::clone(sup), old.pid);
                         tokio::task::spawn_local(async move {
                             let status = old.done.await;
-                            let status = status.unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                            let clean = matches!(&status, Ok(s) if s.success());
                             if sup2.stopping.get() {
                                 return;
                             }
+                            let status = status.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                            let clean = matches!(&status, Ok(s) if s.success());
                             sup2.log(
                                 if clean { Priority::Info } else { Priority::Warning },
                                 format!(

@@ -213,9 +213,6 @@ impl Worker {
             ));
             return self.close(i, Ending::Error(e));
         }
-        let Some(Some(conn)) = self.conns.get_mut(i) else {
-            return;
-        };
         let r = conn.backend_ready;
         if conn.backend.is_none() || !(r.writable || r.error) {
             // Client events while connecting wait in the readiness flags.
@@ -631,14 +628,14 @@ impl Worker {
             self.busy.push(Busy::Conn(i, serial));
         }
         // One direction has ended (passed on as a half-close): the peer that has not ended
-        // its own gets `--half-close-timeout` of silence (unless `-T`, no longer, ends the
-        // connection first).
+        // its own gets `--half-close-timeout` of silence.
         let ended_one = conn.up.is_done() != conn.down.is_done();
-        let limit = self
-            .half_close_timeout
-            .filter(|&h| self.idle_timeout.is_none_or(|t| t > h));
-        if let (true, false, None, Some(limit)) = (ended_one, conn.half_closed, &conn.abort, limit)
-        {
+        if let (true, false, None, Some(limit)) = (
+            ended_one,
+            conn.half_closed,
+            &conn.abort,
+            self.half_close_timeout,
+        ) {
             conn.half_closed = true;
             if let Some(when) = conn.last_activity.checked_add(limit) {
                 let serial = conn.serial;
@@ -654,9 +651,9 @@ impl Worker {
     }
 
     /// One side of a relayed connection failed (true: the backend): the direction towards
-    /// it is given up (what the survivor sends for it is dropped), and the other goes on until what the failed side sent is delivered
-    /// (or the survivor takes nothing for [`ABORT_STALL`]); the close then resets the
-    /// survivor. False when the connection is closed instead: the survivor failed too.
+    /// it is given up (what the survivor sends for it is dropped), and the other goes on
+    /// until what the failed side sent is delivered (or the survivor takes nothing for
+    /// [`ABORT_STALL`]); the close then resets the survivor. False when the connection is closed instead: the survivor failed too.
     fn abort(&mut self, i: usize, backend: bool, error: io::Error) -> bool {
         let Some(Some(conn)) = self.conns.get_mut(i) else {
             return false;
