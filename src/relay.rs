@@ -490,6 +490,12 @@ pub fn is_shortage(e: &io::Error) -> bool {
     )
 }
 
+/// Whether the error a connecting socket reports says the handshake completed and the peer
+/// then reset: a connect that is refused reports ECONNREFUSED instead.
+pub fn is_reset_after_handshake(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EPIPE))
+}
+
 /// Reads one chunk from the source into `pipe`. None: the socket was empty.
 fn splice_in(
     src: &impl AsFd,

@@ -293,6 +293,108 @@ fn a_client_reset_during_the_connect_frees_its_place_at_once() {
     );
 }
 
+/// A backend that accepts and at once resets made a connection, as the original's blocking
+/// connect had it: the client is closed, no other channel is tried, and `-a` leaves the
+/// channel enabled. The worker is held stopped while the handshake completes and the
+/// backend resets, so that it finds the reset already on the socket at its first look
+/// (where it used to fail over, and `-a` disabled the channel; when it looked before the
+/// reset it relayed, so the outcome hung on timing).
+#[test]
+fn a_backend_that_resets_at_once_made_a_connection() {
+    if !require_root() {
+        return;
+    }
+    use nix::sys::signal::Signal;
+    use nix::sys::socket::SockaddrIn;
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType};
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    /// Resumes a stopped worker however the test ends.
+    struct Resume(u32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            signal(self.0, Signal::SIGCONT);
+        }
+    }
+
+    // A listener with a one-place queue, taken: the worker's SYN is dropped and retried
+    // a second later.
+    let listener = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .expect("socket");
+    socket::bind(listener.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).expect("bind");
+    socket::listen(&listener, Backlog::new(0).expect("backlog")).expect("listen");
+    let port = socket::getsockname::<SockaddrIn>(listener.as_raw_fd())
+        .expect("getsockname")
+        .port();
+    let filler = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("filler");
+    let b2 = Backend::start("B2", Behaviour::TagEcho);
+    let b = Balance::start_with(Start {
+        flags: &["-a", "-t", "5"],
+        operands: &[format!("127.0.0.1:{port}"), b2.operand()],
+        workers: 1,
+        ..Start::default()
+    });
+    let path = b.table_path();
+    let mut client = TcpStream::connect(b.addr()).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    assert!(
+        wait_until(Duration::from_secs(3), || counters(&path, 0, 0).0 == 1),
+        "no connect to channel 0 under way"
+    );
+    let worker = b.workers()[0];
+    signal(worker, Signal::SIGSTOP);
+    let resume = Resume(worker);
+
+    // Room in the queue: the retried SYN completes the handshake, then the reset.
+    drop(socket::accept(&listener).expect("accept the filler"));
+    drop(filler);
+    let mut from_worker = None;
+    assert!(
+        wait_until(Duration::from_secs(4), || {
+            from_worker = socket::accept(&listener).ok();
+            from_worker.is_some()
+        }),
+        "the worker's retried SYN never arrived"
+    );
+    let conn = from_worker.expect("accepted");
+    let now = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    socket::setsockopt(&conn, sockopt::Linger, &now).expect("SO_LINGER");
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(100));
+    drop(resume);
+
+    let mut buf = [0u8; 64];
+    let got = client.read(&mut buf);
+    assert!(
+        matches!(got, Ok(0) | Err(_)),
+        "the client got {:?} (failed over)",
+        got.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+    );
+    assert_eq!(b2.accepted(), 0, "failed over to channel 1");
+    assert!(
+        wait_until(Duration::from_secs(3), || counters(&path, 0, 0).0 == 0),
+        "the place is still held"
+    );
+    assert_eq!(counters(&path, 0, 0).1, 1, "not counted as a connection");
+    let (_f, t) = table(&path);
+    assert!(
+        t.snapshot().expect("snapshot").groups[0].channels[0].enabled,
+        "-a disabled the channel; stderr:\n{}",
+        b.stderr()
+    );
+}
+
 #[test]
 fn all_channels_failing_closes_the_client() {
     if !require_root() {

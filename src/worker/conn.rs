@@ -224,7 +224,12 @@ impl Worker {
             _ => None,
         };
         match failed {
-            None => self.connected(i),
+            None => self.connected(i, None),
+            // The backend accepted, then reset before this worker looked. That is a
+            // connection that was made, as when the reset comes a moment later (and as
+            // with the original's blocking connect): relayed and ended like any reset, not
+            // failed over, and not held against the channel by `-a`.
+            Some(e) if relay::is_reset_after_handshake(&e) => self.connected(i, Some(e)),
             Some(e) => self.connect_failed(i, &e.to_string()),
         }
     }
@@ -447,8 +452,10 @@ impl Worker {
         }
     }
 
-    /// The backend accepted: set it up and start relaying.
-    fn connected(&mut self, i: usize) {
+    /// The backend accepted: set it up and start relaying. `reset`: the error of a backend
+    /// that has already reset (read, and so cleared, from the socket), passed on as a
+    /// failure while relaying would be.
+    fn connected(&mut self, i: usize, reset: Option<io::Error>) {
         let Some(Some(conn)) = self.conns.get_mut(i) else {
             return;
         };
@@ -486,6 +493,14 @@ impl Worker {
             });
         }
         self.debug(format_args!("connect to group {g} channel {c} successful"));
+        if let Some(e) = reset {
+            self.debug(format_args!(
+                "group {g} channel {c} reset the connection at once: {e}"
+            ));
+            if !self.abort(i, true, e) {
+                return;
+            }
+        }
         self.relay(i);
     }
 
