@@ -801,4 +801,25 @@ fn a_half_closed_connection_ends_after_the_half_close_timeout() {
         (16 * MIB, "end of stream")
     );
     writer.join().expect("backend");
+
+    // A side that ends after a silence longer than the timeout: the timeout counts from
+    // that end, not from the last data, so an answer that follows at once goes through.
+    let mut client = TcpStream::connect(b.addr()).expect("connect");
+    let (mut backend, _) = listener.accept().expect("accept");
+    client.write_all(b"request").expect("request");
+    std::thread::sleep(Duration::from_millis(1500));
+    client.shutdown(Shutdown::Write).expect("half-close");
+    backend
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut request = Vec::new();
+    let read = backend.read_to_end(&mut request);
+    assert!(
+        read.is_ok() && request == b"request",
+        "the backend got {read:?} after {request:?}"
+    );
+    let answered = backend.write_all(b"answer");
+    assert!(answered.is_ok(), "balance reset the backend: {answered:?}");
+    drop(backend);
+    assert_eq!(read_to_end_or_reset(&mut client), (6, "end of stream"));
 }

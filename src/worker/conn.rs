@@ -643,7 +643,8 @@ impl Worker {
             self.busy.push(Busy::Conn(i, serial));
         }
         // One direction has ended (passed on as a half-close): the peer that has not ended
-        // its own gets `--half-close-timeout` of silence.
+        // its own gets `--half-close-timeout` of silence, counted from that end (an end of
+        // stream after a long silence is news, not more silence).
         let ended_one = conn.up.is_done() != conn.down.is_done();
         if let (true, false, None, Some(limit)) = (
             ended_one,
@@ -652,6 +653,7 @@ impl Worker {
             self.half_close_timeout,
         ) {
             conn.half_closed = true;
+            conn.last_activity = self.now;
             if let Some(when) = conn.last_activity.checked_add(limit) {
                 let serial = conn.serial;
                 self.set_deadline(Timer {
