@@ -113,15 +113,15 @@ unsafe impl Send for Mapping {}
 // SAFETY: as above, concurrent access is only through atomic types.
 unsafe impl Sync for Mapping {}
 
-/// Reinterprets the start of a mapping as `&T`.
-///
-/// # Safety
-/// `T` must be `#[repr(C)]`, made only of atomics (any bit pattern valid, interior
-/// mutability), with alignment ≤ the page size, and `size_of::<T>() <= map.len()`.
-pub unsafe fn mapped_ref<T>(map: &Mapping) -> &T {
-    debug_assert!(std::mem::size_of::<T>() <= map.len());
-    // SAFETY: guaranteed by the caller (see the function contract).
-    unsafe { &*(map.as_ptr() as *const T) }
+/// The channel table's layout over the start of a mapping. Panics if the mapping is
+/// shorter than the layout (`Table` only maps files of exactly that size).
+pub fn table_layout(map: &Mapping) -> &crate::table::Layout {
+    assert!(std::mem::size_of::<crate::table::Layout>() <= map.len());
+    // SAFETY: `Layout` is `#[repr(C)]` and made only of atomics (every bit pattern is
+    // valid, and shared mutation goes through them), its alignment is below the page size
+    // that the mapping's start is aligned to, and the mapping covers it (checked above).
+    // The reference lives no longer than the borrow of the mapping.
+    unsafe { &*(map.as_ptr() as *const crate::table::Layout) }
 }
 
 /// Kernel ABI of `struct robust_list_head` (include/uapi/linux/futex.h).
@@ -254,12 +254,24 @@ pub fn worker_child_setup(cmd: &mut Command, channel: RawFd) {
             }
             // Everything above fd 3 is closed at exec, except the executable fd, which the
             // kernel needs until exec resolves it: mark close-on-exec rather than close.
-            libc::syscall(
+            // Before Linux 5.11 (no CLOSE_RANGE_CLOEXEC), one descriptor at a time up to
+            // the limit: otherwise the worker would inherit the supervisor's descriptors,
+            // the table's writable one among them.
+            let marked = libc::syscall(
                 libc::SYS_close_range,
                 4u32,
                 u32::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             );
+            if marked != 0 {
+                let mut limit: libc::rlimit = std::mem::zeroed();
+                let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                    limit.rlim_cur
+                } else {
+                    libc::rlim_t::MAX
+                };
+                cloexec_each(4, top);
+            }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             // A worker takes no stop or reload signal (the supervisor ends it with SIGKILL,
             // or by closing its channel): a signal to the whole process group or cgroup (a
@@ -273,6 +285,16 @@ pub fn worker_child_setup(cmd: &mut Command, channel: RawFd) {
             libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             Ok(())
         });
+    }
+}
+
+/// Marks descriptors `from..to` close-on-exec, one call each (at most 2^20 of them, the
+/// kernel's ceiling); async-signal-safe. A number that is not open fails harmlessly.
+fn cloexec_each(from: libc::c_int, to: libc::rlim_t) {
+    let to = libc::c_int::try_from(to.min(1 << 20)).unwrap_or(1 << 20);
+    for fd in from..to {
+        // SAFETY: F_SETFD on a number that may or may not be open touches no memory.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
 }
 
@@ -292,7 +314,7 @@ pub fn stdio_to_devnull() -> io::Result<()> {
     Ok(())
 }
 
-/// Sets or clears close-on-exec on a descriptor received from another process.
+/// Sets close-on-exec on a descriptor received from another process.
 pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     fcntl(fd.as_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
@@ -367,4 +389,29 @@ pub fn fork_single_threaded() -> io::Result<nix::unistd::ForkResult> {
     // SAFETY: the caller guarantees no other thread exists, so the child cannot inherit a lock
     // held by a thread that does not exist in it; it continues with ordinary code.
     Ok(unsafe { nix::unistd::fork() }?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cloexec_each_marks_the_range_and_only_it() {
+        let open = || std::fs::File::open("/dev/null").expect("open");
+        let (a, b, c) = (open(), open(), open());
+        let fds = [a.as_raw_fd(), b.as_raw_fd(), c.as_raw_fd()];
+        for &fd in &fds {
+            // SAFETY: clears the flag of a descriptor this test owns.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        }
+        let lo = *fds.iter().min().expect("three descriptors");
+        let hi = *fds.iter().max().expect("three descriptors");
+        // Marks all three but the highest, which lies outside the range.
+        cloexec_each(lo, hi as libc::rlim_t);
+        // SAFETY: F_GETFD on descriptors this test owns.
+        let flag = |fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } & libc::FD_CLOEXEC;
+        for fd in fds {
+            assert_eq!(flag(fd) != 0, fd < hi, "descriptor {fd}");
+        }
+    }
 }

@@ -479,9 +479,7 @@ impl Table {
     }
 
     pub fn layout(&self) -> &Layout {
-        // SAFETY: the mapping is TABLE_SIZE bytes, page aligned, and Layout is repr(C) made
-        // only of atomics, for which every bit pattern is valid.
-        unsafe { sys::mapped_ref::<Layout>(&self.map) }
+        sys::table_layout(&self.map)
     }
 
     pub fn is_writable(&self) -> bool {
@@ -566,11 +564,12 @@ impl Table {
         }
         let h = self.header();
         let guard = futex::lock(&h.lock, LOCK_TIMEOUT)?;
-        if guard.owner_died {
-            let s = h.seq.load(Ordering::Relaxed);
-            if s & 1 == 1 {
-                h.seq.store(s.wrapping_add(1), Ordering::Release);
-            }
+        // An odd count under the lock is a write nobody is making: one cut short by its
+        // writer's death, or a count set odd by a hand on the file. Left odd, every later
+        // write would keep it odd and no reader would get a consistent copy again.
+        let s = h.seq.load(Ordering::Relaxed);
+        if s & 1 == 1 {
+            h.seq.store(s.wrapping_add(1), Ordering::Release);
         }
         let s = h.seq.load(Ordering::Relaxed);
         h.seq.store(s.wrapping_add(1), Ordering::Relaxed);
@@ -1026,6 +1025,20 @@ mod tests {
             ]
         );
         assert!(after.changes_since(&after).is_empty());
+    }
+
+    #[test]
+    fn a_count_left_odd_without_a_dead_writer_is_repaired_by_the_next_write() {
+        let (_file, table) = temp_table(&[]);
+        let seq = table.seq();
+        table.header().seq.store(seq | 1, Ordering::Relaxed);
+        assert!(
+            table.snapshot().is_none(),
+            "an odd count reads as mid-update"
+        );
+        table.update(|_| ()).expect("update");
+        assert_eq!(table.seq() & 1, 0);
+        assert!(table.snapshot().is_some(), "still no consistent copy");
     }
 
     #[test]
