@@ -48,7 +48,7 @@ pub const DEFAULT_CONTROL_GROUP: &str = "balance";
 use crate::table::MAX_POOL as MAX_WORKERS;
 const SYSTEM_SERVICES: &str = "/etc/services";
 
-use crate::exitcode::{EX_DATAERR, EX_UNAVAILABLE, EX_USAGE};
+use crate::exitcode::{EX_DATAERR, EX_OSERR, EX_UNAVAILABLE, EX_USAGE};
 
 /// The three invocation forms, shared by `--help` and every usage error.
 const USAGE_FORMS: [&str; 3] = [
@@ -596,7 +596,7 @@ impl Flags {
     /// Checks every value given, whichever mode it belongs to, as getopt's caller did.
     fn from_matches(m: &Matches) -> Result<Self, CliError> {
         let text = |opt, what| m.value(opt).map(|v| non_empty(v, what)).transpose();
-        let path = |opt, what| Ok(text(opt, what)?.map(PathBuf::from));
+        let path = |opt, what| text(opt, what)?.map(|v| absolute(v, what)).transpose();
         Ok(Flags {
             debug: m.has(Opt::Debug),
             interactive: m.has(Opt::Interactive),
@@ -649,6 +649,17 @@ impl Flags {
             run_dir: self.run_dir.clone(),
         })
     }
+}
+
+/// A path option made absolute now: the daemon changes to `/` when it detaches, and a
+/// relative pid file or syslog socket would then be looked for there.
+fn absolute(value: String, what: &str) -> Result<PathBuf, CliError> {
+    std::path::absolute(&value).map_err(|e| {
+        CliError::plain(
+            EX_OSERR,
+            format!("balance: cannot resolve {what} {value} against the current directory: {e}"),
+        )
+    })
 }
 
 fn non_empty(value: &str, what: &str) -> Result<String, CliError> {
@@ -1454,6 +1465,19 @@ http 80/tcp www
         assert_eq!(p.syslog_socket, Some(PathBuf::from("/dev/log")));
         assert!(p.log_connections);
         assert_eq!(proxy(&["--workers=1", "80"]).workers, Some(1));
+        // Relative paths are taken from the current directory, not from `/`, where the
+        // daemon goes when it detaches.
+        let cwd = std::env::current_dir().expect("current directory");
+        let p = proxy(&[
+            "--pidfile=b.pid",
+            "--run-dir",
+            "run",
+            "--syslog-socket=./log",
+            "80",
+        ]);
+        assert_eq!(p.pidfile, Some(cwd.join("b.pid")));
+        assert_eq!(p.common.run_dir, cwd.join("run"));
+        assert_eq!(p.syslog_socket, Some(cwd.join("log")));
     }
 
     #[test]
