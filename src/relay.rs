@@ -124,8 +124,10 @@ impl Spares {
 }
 
 /// What epoll (edge-triggered) last said about one socket. `readable`/`writable` are cleared
-/// when an operation finds the socket empty/full; `read_closed` and `error` stay set, so that
-/// the next read finds the EOF or the error even when no further event comes.
+/// when an operation finds the socket empty/full; `read_closed` stays set, so that the next
+/// read finds the EOF even when no further event comes, and `error` until [`take_error`]
+/// reads the socket's error (which marks the socket readable, so that what came before the
+/// error is read).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Readiness {
     pub readable: bool,

@@ -38,7 +38,8 @@ pub use bootstrap::{lookup_host, Fatal};
 
 /// How long start-up waits for every worker to report ready.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long shutdown waits for workers to exit before killing them.
+/// How long shutdown waits for the workers, all sent SIGKILL, to be reaped (one still
+/// being started is killed again at the end).
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the supervisor looks at the table's `shutdown` flag.
 const KILL_POLL: Duration = Duration::from_millis(200);
@@ -189,13 +190,13 @@ fn supervise(
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .clamp(1, MAX_POOL);
-    let ports = channel_ports(&boot.table);
     let last_seen = boot.table.snapshot().ok_or_else(|| {
         abandon(Fatal::new(
             EX_SOFTWARE,
             "balance: the new table is inconsistent",
         ))
     })?;
+    let ports = channel_ports(&last_seen);
     let generation = boot.table.header().generation.load(Ordering::Relaxed);
     let sup = Rc::new(Supervisor {
         template: WorkerConfig {
@@ -383,8 +384,9 @@ fn observe_table(sup: &Rc<Supervisor>) {
             &format!("table change observed: {change}"),
         );
     }
+    // The ports of this very copy: a second read could find the next writer mid-update.
+    let now = channel_ports(&snapshot);
     *sup.last_seen.borrow_mut() = snapshot;
-    let now = channel_ports(&sup.boot.table);
     let new: Vec<u16> = now.difference(&sup.ports.borrow()).copied().collect();
     if new.is_empty() {
         return;
@@ -398,17 +400,13 @@ fn observe_table(sup: &Rc<Supervisor>) {
     pool::request_round(sup, pool::Scope::Stale);
 }
 
-/// Every port of every channel in the table.
-fn channel_ports(table: &crate::table::Table) -> BTreeSet<u16> {
-    table
-        .snapshot()
-        .map(|s| {
-            s.groups
-                .iter()
-                .flat_map(|g| g.channels.iter().filter_map(|c| c.addr.map(|a| a.port())))
-                .collect()
-        })
-        .unwrap_or_default()
+/// Every port of every channel in a copy of the table.
+fn channel_ports(snapshot: &crate::table::Snapshot) -> BTreeSet<u16> {
+    snapshot
+        .groups
+        .iter()
+        .flat_map(|g| g.channels.iter().filter_map(|c| c.addr.map(|a| a.port())))
+        .collect()
 }
 
 /// Ends every worker (draining ones too) with SIGKILL, the only stop signal they take

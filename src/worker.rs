@@ -14,8 +14,9 @@
 //! small plain struct: an idle connection costs its two sockets and a few hundred bytes,
 //! and a relayed chunk costs the socket calls and nothing else. A connection moves through
 //! two phases: *connecting* (trying the candidates in order, each with the connect timeout)
-//! and *relaying* (see `relay.rs`). Timers (connect and idle timeouts) are one heap of
-//! deadlines, plus a stall check for connections whose other side failed, checked lazily.
+//! and *relaying* (see `relay.rs`). Timers are one heap of deadlines, checked lazily: the
+//! connect timeout, the idle timeout (`-T`), the half-close timeout, and the stall check of
+//! connections whose other side failed.
 //!
 //! A worker never resolves names, opens files or takes the table lock: it reads the
 //! configuration through the seqlock, admits against maxc with atomics, and asks the

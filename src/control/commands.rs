@@ -11,7 +11,7 @@ use crate::futex::LockError;
 use crate::table::{GroupKind, Snapshot, TableError, Writer, MAX_GROUPS};
 
 /// How long `kill` waits for the master to let go of the table. The supervisor notices the
-/// flag within 200 ms and gives its workers up to 5 s to finish.
+/// flag within 200 ms, kills its workers and waits up to 5 s for them to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(8);
 const KILL_POLL: Duration = Duration::from_millis(50);
 
@@ -469,8 +469,8 @@ impl Session<'_> {
     }
 
     /// Asks the supervisor to shut down (a flag it polls; no signal, no pid) and waits until
-    /// it has let go of the table. The flag is an atomic outside the configuration, so it is
-    /// set without the writer lock: a stuck writer cannot prevent a shutdown. The record
+    /// it has let go of the table. The flag is an atomic in the header, outside the seqlock,
+    /// so it is set without the writer lock: a stuck writer cannot prevent a shutdown. The record
     /// goes first (the supervisor logs the ring before it stops); it takes the lock, so a
     /// stuck writer delays the shutdown by the lock's timeout (then the record goes
     /// straight to syslog).

@@ -50,8 +50,8 @@ use crate::exitcode::{EX_IOERR, EX_NOPERM, EX_TEMPFAIL};
 
 /// One change made through the shell: what was changed, by whom, from what to what.
 ///
-/// This is the seam for the audit log (issue 5): every successful changing command returns
-/// one. Today it is only printed on stderr with `-d`.
+/// Every successful changing command returns one; the shell puts it in the table's audit
+/// ring, which the supervisor logs (and prints it on stderr with `-d`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEvent {
     /// Real uid of the user who ran the shell.
@@ -145,7 +145,8 @@ pub enum Failure {
     Rejected(String),
     /// A changing command with a read-only table; holds the command's name.
     ReadOnly(&'static str),
-    /// The writer lock stayed held by this thread for the whole timeout.
+    /// The writer lock stayed held by another process (`holder`, a thread id) for the
+    /// whole timeout.
     Locked {
         holder: u32,
     },

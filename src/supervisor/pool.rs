@@ -32,7 +32,7 @@ use tokio::time::Instant;
 
 use super::Supervisor;
 use crate::ipc::{self, IpcError, Message, Priority, WorkerConfig};
-use crate::table::{MAX_GROUPS, MAX_WORKERS};
+use crate::table::{MAX_CHANNELS, MAX_GROUPS, MAX_WORKERS};
 
 /// A worker that dies sooner than this after its start counts against the crash budget.
 const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
@@ -367,10 +367,15 @@ async fn serve_slot(
                     Ok(new) => {
                         let old = std::mem::replace(&mut worker, new);
                         // The old worker's task reaps it and frees its row when it is done;
-                        // its exit is logged like a start.
-                        let _ = ipc::send(&old.channel, &Message::Drain, &[]).await;
+                        // its exit is logged like a start. Should the old worker's socket be
+                        // full (the worker stopped), that task waits to send the drain: not
+                        // this slot, which would meanwhile miss its new worker's death.
+                        let queued = ipc::try_send(&old.channel, &Message::Drain).is_ok();
                         let (sup2, pid) = (Rc::clone(sup), old.pid);
                         tokio::task::spawn_local(async move {
+                            if !queued {
+                                let _ = ipc::send(&old.channel, &Message::Drain, &[]).await;
+                            }
                             let status = old.done.await;
                             if sup2.stopping.get() {
                                 return;
@@ -721,7 +726,10 @@ fn handle_message(
             channel,
             addr,
         } => {
-            if !sup.template.autodisable || group as usize >= MAX_GROUPS {
+            if !sup.template.autodisable
+                || group as usize >= MAX_GROUPS
+                || channel as usize >= MAX_CHANNELS
+            {
                 sup.log(
                     Priority::Error,
                     format!(
