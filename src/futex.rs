@@ -86,7 +86,7 @@ pub fn lock(word: &AtomicU32, timeout: Duration) -> Result<Guard<'_>, LockError>
             continue;
         }
         if holder == tid {
-            sys::robust_clear_pending();
+            // The marker stays: it is the outer guard's, which still holds the word.
             return Err(LockError::Recursive);
         }
         if !sys::thread_exists(holder) {
@@ -149,6 +149,28 @@ mod tests {
             );
         }
         assert_eq!(w.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_recursive_attempt_leaves_the_holder_marked_for_the_kernel() {
+        let w = Arc::new(AtomicU32::new(0));
+        let w2 = Arc::clone(&w);
+        std::thread::spawn(move || {
+            let g = lock(&w2, Duration::from_millis(10)).expect("free lock");
+            assert_eq!(
+                lock(&w2, Duration::from_millis(10)).unwrap_err(),
+                LockError::Recursive
+            );
+            // The thread ends holding the lock.
+            std::mem::forget(g);
+        })
+        .join()
+        .expect("join");
+        // The kernel marked the word as the thread exited: no holder, owner died.
+        assert_eq!(
+            w.load(Ordering::Relaxed) & (FUTEX_TID_MASK | FUTEX_OWNER_DIED),
+            FUTEX_OWNER_DIED
+        );
     }
 
     #[test]

@@ -54,7 +54,14 @@ pub fn run(args: ProxyArgs) -> Result<(), Fatal> {
     let launcher = if args.foreground {
         None
     } else {
-        Some(bootstrap::detach()?)
+        match bootstrap::detach() {
+            Ok(pipe) => Some(pipe),
+            Err(e) => {
+                // The table is published already: a start that fails here leaves nothing.
+                boot.remove_files(None);
+                return Err(e);
+            }
+        }
     };
     let result = supervise(args, boot, launcher.as_ref());
     if let (Err(e), Some(pipe)) = (&result, &launcher) {

@@ -148,6 +148,8 @@ fn register_robust_head() -> &'static RobustListHead {
     // SAFETY: the head is leaked, so it lives as long as the thread; the kernel reads it only
     // when this thread exits. We never store a pointer into shared memory: only the
     // thread-local `list_op_pending` slot points at the futex word, and the list stays empty.
+    // It replaces the head glibc registered for the thread, which serves only robust
+    // pthread mutexes: balance has none, so nothing relies on that list any more.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_set_robust_list,
