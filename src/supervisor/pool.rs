@@ -270,7 +270,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
     let mut early_deaths = 0;
     let mut waiting_for_row = false;
     while !sup.stopping.get() {
-        let started = Instant::now();
+        let mut started = Instant::now();
         match launch(&sup, slot).await {
             Ok(worker) => {
                 waiting_for_row = false;
@@ -278,7 +278,10 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                     let _ = tx.send(Ok(()));
                 }
                 publish_admitted(&sup);
-                let status = serve_slot(&sup, slot, worker).await;
+                let (status, since) = serve_slot(&sup, slot, worker).await;
+                // The uptime that counts is the dead worker's: a replacement started by a
+                // reload that dies at once is an early death.
+                started = since;
                 sup.pool.versions.borrow_mut()[slot].serving = None;
                 // A replacement asked for meanwhile is done: the slot starts a fresh worker.
                 if let Some(answer) = sup.pool.requests.borrow_mut()[slot].take() {
@@ -350,21 +353,24 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
 }
 
 /// Waits for the slot's worker to die, replacing it whenever asked; returns the exit status
-/// of the worker that died.
+/// of the worker that died and when it was launched.
 async fn serve_slot(
     sup: &Rc<Supervisor>,
     slot: usize,
     mut worker: Worker,
-) -> std::io::Result<std::process::ExitStatus> {
+) -> (std::io::Result<std::process::ExitStatus>, Instant) {
+    let mut since = Instant::now();
     loop {
         tokio::select! {
             status = &mut worker.done => {
-                return status.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                return (status.unwrap_or_else(|e| Err(std::io::Error::other(e))), since);
             }
             () = sup.pool.replace[slot].notified() => {
                 let answer = sup.pool.requests.borrow_mut()[slot].take();
+                let launched = Instant::now();
                 let result = match launch(sup, slot).await {
                     Ok(new) => {
+                        since = launched;
                         let old = std::mem::replace(&mut worker, new);
                         // The old worker's task reaps it and frees its row when it is done;
                         // its exit is logged like a start. Should the old worker's socket be
