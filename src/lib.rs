@@ -28,6 +28,16 @@ pub mod sys;
 pub mod table;
 pub mod worker;
 
+/// `eprintln!` that cannot panic: a line that stderr cannot take (closed, full) is lost, and
+/// the exit code still tells what happened.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Exit codes (sysexits.h), as the original used them.
 pub mod exitcode {
     pub const EX_USAGE: u8 = 64;

@@ -122,7 +122,7 @@ impl Logger {
             Err(e) => {
                 if !self.warned_unavailable {
                     self.warned_unavailable = true;
-                    eprintln!(
+                    crate::say!(
                         "balance: cannot reach syslog at {} ({e}); not logging to syslog",
                         path.display()
                     );

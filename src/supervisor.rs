@@ -64,10 +64,14 @@ pub fn run(args: ProxyArgs) -> Result<(), Fatal> {
         }
     };
     let result = supervise(args, boot, launcher.as_ref());
-    if let (Err(e), Some(pipe)) = (&result, &launcher) {
-        bootstrap::report(pipe, Err(e));
+    match (result, &launcher) {
+        (Err(e), Some(pipe)) => {
+            // The launching process tells the user; the daemon says nothing more.
+            bootstrap::report(pipe, Err(&e));
+            Err(Fatal::new(e.code, ""))
+        }
+        (result, _) => result,
     }
-    result
 }
 
 /// Blocks or unblocks SIGTERM, SIGINT and SIGHUP for this thread.
@@ -188,7 +192,7 @@ fn supervise(
             );
             if !args.foreground {
                 // The log copies to stderr only in the foreground; say it on the terminal.
-                eprintln!("{warning}");
+                crate::say!("{warning}");
             }
             logger.log(Priority::Warning, &warning);
         }
@@ -283,9 +287,10 @@ fn supervise(
         sup.log(
             Priority::Notice,
             format!(
-                "balance {} started: listening on {}, {workers} workers",
+                "balance {} started: listening on {}, {workers} worker{}",
                 crate::VERSION,
-                sup.boot.listen_description
+                sup.boot.listen_description,
+                if workers == 1 { "" } else { "s" }
             ),
         );
         let reason = match signals {

@@ -153,6 +153,60 @@ fn help_and_version() {
     );
 }
 
+/// Output that cannot be written ends with an exit code, never a panic: a reader that went
+/// away (`balance --help | head -1`) is no error, a full device is 74, and a usage error
+/// keeps its 64 whatever happens to its message.
+#[test]
+fn unwritable_output_is_an_exit_code_not_a_panic() {
+    let dir = temp_dir("unwritable");
+    let full = || Stdio::from(std::fs::File::create("/dev/full").expect("/dev/full"));
+    let closed_pipe = || {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        drop(read);
+        Stdio::from(write)
+    };
+    // (exit code, what reached stderr when it was not one of the two above)
+    let run_with = |args: &[&str], stdout: Stdio, stderr: Option<Stdio>| {
+        let log = dir.join("stderr");
+        let stderr = stderr.unwrap_or_else(|| std::fs::File::create(&log).expect("log").into());
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn balance");
+        let pid = child.id();
+        let mut status = None;
+        let ended = wait_until(COMMAND_LIMIT, || {
+            status = child.try_wait().expect("wait");
+            status.is_some()
+        });
+        if !ended {
+            signal(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            panic!("balance {args:?} did not end");
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        (status.and_then(|s| s.code()), text)
+    };
+    for args in [&["--help"][..], &["--version"]] {
+        assert_eq!(
+            run_with(args, closed_pipe(), None),
+            (Some(0), String::new()),
+            "{args:?} into a closed pipe"
+        );
+        let (code, text) = run_with(args, full(), None);
+        assert_eq!(code, Some(74), "{args:?} into /dev/full: {text}");
+        assert!(text.contains("cannot write the output"), "{text}");
+    }
+    for stderr_to in [full(), closed_pipe()] {
+        let (code, _) = run_with(&["-t", "0", "8000"], Stdio::null(), Some(stderr_to));
+        assert_eq!(code, Some(64), "a usage error whose message is lost");
+    }
+}
+
 #[test]
 fn thirty_two_groups_of_sixty_four_channels() {
     if !require_root() {

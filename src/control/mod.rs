@@ -276,38 +276,39 @@ fn report_access(e: &AccessError, path: &Path, control_group: &str) -> u8 {
     let path = path.display();
     match e {
         AccessError::NoMaster(None) => {
-            println!("no master process, exiting.");
+            // On stdout, as the original had it; lost if stdout cannot take it.
+            let _ = writeln!(io::stdout(), "no master process, exiting.");
             EX_UNAVAILABLE
         }
         AccessError::NoMaster(Some(pid)) => {
-            println!("no master process with pid {pid}, exiting.");
+            let _ = writeln!(io::stdout(), "no master process with pid {pid}, exiting.");
             EX_UNAVAILABLE
         }
         AccessError::Denied => {
-            eprintln!("balance: cannot open {path}: Permission denied");
-            eprintln!(
+            crate::say!("balance: cannot open {path}: Permission denied");
+            crate::say!(
                 "balance: reading needs membership in group {control_group}, changes need root"
             );
             EX_OSERR
         }
         AccessError::Unsafe(why) => {
-            eprintln!("balance: refusing to use {path}: {why}");
+            crate::say!("balance: refusing to use {path}: {why}");
             EX_OSERR
         }
         AccessError::Io(e) => {
-            eprintln!("balance: cannot open {path}: {e}");
+            crate::say!("balance: cannot open {path}: {e}");
             EX_OSERR
         }
         AccessError::Table(e @ (TableError::Incompatible { .. } | TableError::WrongMagic)) => {
-            eprintln!("balance: {path}: {e}; is this the balance that started the daemon?");
+            crate::say!("balance: {path}: {e}; is this the balance that started the daemon?");
             EX_DATAERR
         }
         AccessError::Table(e @ TableError::WrongSize { .. }) => {
-            eprintln!("balance: {path}: {e}");
+            crate::say!("balance: {path}: {e}");
             EX_DATAERR
         }
         AccessError::Table(e) => {
-            eprintln!("balance: {path}: {e}");
+            crate::say!("balance: {path}: {e}");
             EX_SOFTWARE
         }
     }

@@ -480,16 +480,16 @@ fn publish_table(
 
 /// `-d` start-up lines on stderr, in the original's shape.
 fn print_startup(args: &ProxyArgs, table_name: &str, groups: &[InitialGroup]) {
-    eprintln!("source port {}", args.common.listen.port);
-    eprintln!(
+    crate::say!("source port {}", args.common.listen.port);
+    crate::say!(
         "file {} created",
         args.common.run_dir.join(table_name).display()
     );
-    eprintln!("using {}", if args.ipv6 { "AF_INET6" } else { "AF_UNSPEC" });
-    eprintln!("the following channels are active:");
+    crate::say!("using {}", if args.ipv6 { "AF_INET6" } else { "AF_UNSPEC" });
+    crate::say!("the following channels are active:");
     for (g, group) in groups.iter().enumerate() {
         for (c, (addr, maxc)) in group.channels.iter().enumerate() {
-            eprintln!("{g:3} {c:2} {addr}:{maxc}");
+            crate::say!("{g:3} {c:2} {addr}:{maxc}");
         }
     }
 }
@@ -526,11 +526,11 @@ fn wait_for_daemon(read: OwnedFd) -> i32 {
     match buf[..n].split_first() {
         Some((0, _)) => 0,
         Some((&code, text)) => {
-            eprintln!("{}", String::from_utf8_lossy(text));
+            crate::say!("{}", String::from_utf8_lossy(text));
             i32::from(code)
         }
         None => {
-            eprintln!("balance: the daemon died during start-up");
+            crate::say!("balance: the daemon died during start-up");
             i32::from(EX_SOFTWARE)
         }
     }
