@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A short, bounded fuzzing campaign, as CI runs it: every target for FUZZ_SECONDS (default
-# 20) from the seeds in fuzz/corpus/<target>/. Installs cargo-fuzz when missing; needs the
-# nightly toolchain. Exits non-zero when a target crashes, after printing the input that
-# crashed it (kept in fuzz/artifacts/<target>/); add that input to tests/hostile.rs.
+# 20) from the seeds in fuzz/corpus/<target>/. Installs cargo-fuzz and the nightly
+# toolchain (with rustup) when missing. Exits non-zero when a target crashes, after
+# printing the input that crashed it (kept in fuzz/artifacts/<target>/); add that input to
+# tests/hostile.rs.
 #
 # Environment: FUZZ_SECONDS per target; FUZZ_TARGETS to run only some; CARGO_TARGET_DIR
 # for the build (default fuzz/target).
@@ -14,8 +15,11 @@ targets=${FUZZ_TARGETS:-"cli_args control_command ipc_message table_reader"}
 target_dir=${CARGO_TARGET_DIR:-$PWD/fuzz/target}
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
-    echo "fuzz/run.sh: the nightly toolchain is missing (rustup toolchain install nightly)" >&2
-    exit 1
+    # A fresh machine: fetch it (cargo-fuzz needs nightly's sanitizer flags).
+    if ! rustup toolchain install nightly --profile minimal; then
+        echo "fuzz/run.sh: the nightly toolchain is missing and rustup could not install it" >&2
+        exit 1
+    fi
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked cargo-fuzz

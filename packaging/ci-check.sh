@@ -374,6 +374,20 @@ check "status with another process's pid in the pid file: 1 (dead, pid file exis
     [ "$(rc_of service balance status)" -eq 1 ]
 rm -rf /run/balance
 good_conf=$(cat /etc/default/balance)
+# The progress line names the misconfigured instance too (it used to leave it out, so that
+# "failed!" seemed to be about the instance before it).
+printf '%s\nBALANCE_ARGS_ci_rr="-af %s 127.0.0.1:%s"\n' "$good_conf" "$p1" "$b1" \
+    >/etc/default/balance
+names_every_instance() {
+    local out
+    out=$(service balance start 2>&1)
+    [ "$(head -n 1 <<<"$out")" = "Starting TCP load balancer: balance ci_rr ci_bound failed!" ] ||
+        { echo "$out"; return 1; }
+}
+check "a misconfigured instance is named on the progress line" names_every_instance
+pids+=("$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)")
+service balance stop >/dev/null 2>&1 || true
+rm -rf /run/balance
 for bad in "--pidfile /tmp/other.pid" "-f" "-af" "-c show"; do
     printf '%s\nBALANCE_ARGS_ci_rr="%s %s 127.0.0.1:%s"\n' "$good_conf" "$bad" "$p1" "$b1" \
         >/etc/default/balance

@@ -86,15 +86,17 @@ Signals (to the supervisor, the process that --pidfile names):
 Exit status:
   0   success
   64  bad command line (unknown option, bad value, wrong operands, invalid port)
-  65  invalid channel address; shell: syntax error, no such channel or group
+  65  invalid channel address; shell: a command refused (syntax error, no such channel
+      or group, a channel to disable first, a full group), a file that is not a table
   67  the service user (--user) or control group (--control-group) does not exist
   69  service unavailable (bad grouping, too many groups or channels, no master process,
       an unusable run directory, a kill that did not finish)
-  70  internal error (no worker could run)
+  70  internal error (no worker could run; shell: the table could not be used)
   71  operating system error (bind, socket, files, the pid file); shell: no access to the
       table file
-  74  shell: cannot read the input or write the output
-  75  shell: the table is locked by another writer, try again
+  74  cannot read the input or write the output (shell, --help, --version); a reader
+      that went away is not an error
+  75  shell: the table is locked by another writer or kept changing, try again
   77  shell: the table is read-only for you
 ";
 
@@ -441,7 +443,7 @@ const OPTIONS: &[OptSpec] = &[
     short(Opt::Dump, "p", None, "Dump all relayed data on stdout"),
     short(Opt::ConnectTimeout, "t", Some("SEC"), "Connect timeout per channel, 1 to 2147483647 [default: 5]"),
     short(Opt::IdleTimeout, "T", Some("SEC"), "Drop connections idle for SEC seconds, 0: never [default: 0]"),
-    short(Opt::Ipv6, "6", None, "Listen on IPv6, dual stack (IPv4 clients are accepted too)"),
+    short(Opt::Ipv6, "6", None, "Listen on IPv6, dual stack (IPv4 clients too); -b ADDR must then be IPv6"),
     long(Opt::HalfCloseTimeout, "half-close-timeout", Some("SEC"), "Reset connections one side has ended once silent for SEC seconds, 0: never [default: 60]"),
     long(Opt::User, "user", Some("NAME"), "Run the supervisor and workers as user NAME [default: balance]"),
     long(Opt::Workers, "workers", Some("N"), "Number of workers, 1 to 32 [default: one per CPU]"),

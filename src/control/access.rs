@@ -100,7 +100,7 @@ fn check_origin(file: &File) -> Result<(), AccessError> {
     let euid = nix::unistd::Uid::effective().as_raw();
     if meta.uid() != 0 && meta.uid() != euid {
         return Err(AccessError::Unsafe(
-            "it is owned by another user (expected root)",
+            "it is owned by another user (expected root or the caller)",
         ));
     }
     if meta.mode() & 0o022 != 0 {

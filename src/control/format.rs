@@ -246,8 +246,8 @@ pub fn prompt(group: usize) -> String {
 /// `help` and `?`.
 pub const HELP: &str = "\
 Commands act on the current group (see `group`); <ch> is a channel number in it.
-Any leading part of a command name will do, first match in this list's original order
-(so `s` is show, `k` is kill, `r` is reset, `ha` is hash).
+Any leading part of a command name will do; ties go to the first name in the original's
+order, not this list's (so `s` is show, `k` is kill, `r` is reset, `ha` is hash).
   show [json]               every channel of every group, with state and counters
   stats [json]              totals: channels, open and total connections, bytes
   group <g>                 make <g> the current group (shown in the prompt)
