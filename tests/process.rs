@@ -583,7 +583,12 @@ fn launch_reports_start_up_failures() {
             .expect("run");
         assert_eq!(out.status.code(), Some(71), "foreground={foreground}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("bind(): Address already in use"), "{err}");
+        assert!(
+            err.contains(&format!(
+                "bind(): Address already in use (127.0.0.1:{port})"
+            )),
+            "{err}"
+        );
         let out = Command::new(BIN)
             .arg("--run-dir")
             .arg(dir.join("run"))

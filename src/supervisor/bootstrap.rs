@@ -309,7 +309,10 @@ fn bind_listener(
         .map_err(|e| os("setsockopt(TCP_NODELAY=1)", e))?;
     socket::setsockopt(&fd, socket::sockopt::KeepAlive, &true)
         .map_err(|e| os("setsockopt(SO_KEEPALIVE=1)", e))?;
-    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(|e| os("bind", e))?;
+    // The original's words, then the address: an init script starting several instances
+    // (and the log it leaves at boot) must say which one failed.
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .map_err(|e| Fatal::new(EX_OSERR, format!("bind(): {} ({addr})", e.desc())))?;
     socket::listen(&fd, Backlog::MAXCONN).map_err(|e| os("listen", e))?;
     Ok(std::net::TcpListener::from(fd))
 }
