@@ -113,12 +113,8 @@ impl Logger {
             .socket
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-        let conn = syslog::unix_custom(formatter, &path);
-        match conn {
-            Ok(c) => {
-                never_block(&c);
-                Some(c)
-            }
+        match connect_without_waiting(&path) {
+            Ok(backend) => Some(SysLogger::new(backend, formatter)),
             Err(e) => {
                 if !self.warned_unavailable {
                     self.warned_unavailable = true;
@@ -233,14 +229,34 @@ impl Logger {
 /// A syslog daemon that stops reading must not stop balance: its datagram socket is made
 /// non-blocking (a full queue drops the line, which is then counted), and a stream socket
 /// gets a short send timeout (a non-blocking stream could leave half a line behind).
-fn never_block(conn: &Conn) {
-    let _ = match &conn.backend {
-        LoggerBackend::Unix(socket) => socket.set_nonblocking(true),
-        LoggerBackend::UnixStream(writer) => writer
-            .get_ref()
-            .set_write_timeout(Some(STREAM_SEND_TIMEOUT)),
-        _ => Ok(()),
-    };
+/// Connects to the syslog socket at `path` as the `syslog` crate would (datagram, else
+/// stream), but never waits: a stream socket whose daemon stopped accepting has a full
+/// backlog, where a blocking connect would hold the supervisor (and with it every signal
+/// and worker restart) until the daemon woke up. Such a connect fails at once instead,
+/// like a missing socket. Sends never wait either: a datagram socket is non-blocking (a
+/// full queue drops the line), a stream one gives up after [`STREAM_SEND_TIMEOUT`].
+fn connect_without_waiting(path: &std::path::Path) -> std::io::Result<LoggerBackend> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let datagram = std::os::unix::net::UnixDatagram::unbound()?;
+    datagram.set_nonblocking(true)?;
+    match datagram.connect(path) {
+        Ok(()) => return Ok(LoggerBackend::Unix(datagram)),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPROTOTYPE) => {}
+        Err(e) => return Err(e),
+    }
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    // A Unix stream connect completes at once or fails (EAGAIN: the backlog is full).
+    socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(STREAM_SEND_TIMEOUT))?;
+    Ok(LoggerBackend::UnixStream(std::io::BufWriter::new(stream)))
 }
 
 /// How long a send to a stream syslog socket may wait.

@@ -460,10 +460,34 @@ fn a_syslog_that_stops_reading_does_not_wedge_the_supervisor() {
     if !require_root() {
         return;
     }
+    for stream in [false, true] {
+        a_stuck_syslog_does_not_wedge_the_supervisor(stream);
+    }
+}
+
+fn a_stuck_syslog_does_not_wedge_the_supervisor(stream: bool) {
+    use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
     let dir = temp_dir("syslog-stuck");
     let path = dir.join("log");
-    // Bound, never read: after a few lines (net.unix.max_dgram_qlen) sends would block.
-    let stuck = UnixDatagram::bind(&path).expect("bind");
+    // A datagram socket bound and never read: after a few lines (net.unix.max_dgram_qlen)
+    // sends would block. A stream socket (syslog-ng's unix-stream) that stopped
+    // accepting, its one-place backlog taken: a connect would block.
+    let stuck: Box<dyn std::any::Any> = if stream {
+        let listener = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        socket::bind(listener.as_raw_fd(), &UnixAddr::new(&path).expect("path")).expect("bind");
+        socket::listen(&listener, Backlog::new(0).expect("backlog")).expect("listen");
+        let filler = std::os::unix::net::UnixStream::connect(&path).expect("filler");
+        Box::new((listener, filler))
+    } else {
+        Box::new(UnixDatagram::bind(&path).expect("bind"))
+    };
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     let backend = Backend::start("B1", Behaviour::TagEcho);
     let flags = syslog_flags(&path);
@@ -487,7 +511,7 @@ fn a_syslog_that_stops_reading_does_not_wedge_the_supervisor() {
     assert!(status.success(), "{status:?}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
+        "stream {stream}: took {:?}",
         started.elapsed()
     );
     drop(stuck);
