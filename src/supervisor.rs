@@ -103,6 +103,11 @@ struct Supervisor {
     /// The next audit record of the table's ring to log.
     audit_next: Cell<u64>,
     landlock_warned: Cell<bool>,
+    /// `-a` requests that found the table locked, retried at each tick (one per channel
+    /// and address).
+    pending_disables: RefCell<Vec<(usize, usize, std::net::SocketAddr)>>,
+    /// When the wait for the lock was last logged.
+    disables_said: Cell<Option<std::time::Instant>>,
     /// Wakes slot tasks out of their restart backoff at shutdown.
     wake: tokio::sync::Notify,
 }
@@ -235,6 +240,8 @@ fn supervise(
         last_seen: RefCell::new(last_seen),
         audit_next: Cell::new(0),
         landlock_warned: Cell::new(false),
+        pending_disables: RefCell::new(Vec::new()),
+        disables_said: Cell::new(None),
         wake: tokio::sync::Notify::new(),
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -340,6 +347,7 @@ async fn wait_for_stop(
                     return "kill command";
                 }
                 observe_table(sup);
+                sup.retry_disables();
                 pool::retry_stale(sup);
             }
             () = sup.pool.changed.notified() => {
@@ -461,8 +469,22 @@ impl Supervisor {
     /// `-a`: disables a channel whose connect to `addr` failed, unless the channel has been
     /// given another address meanwhile (an operator's `assign` after `disable` must not be
     /// undone by an attempt that started before it).
+    ///
+    /// The supervisor's one thread must not wait for the lock (a shell stopped while holding
+    /// it would hold up signals and restarts, two seconds per request): a request that
+    /// finds it taken waits in `pending_disables` for the next tick, merged with others for
+    /// the same channel. One for a channel already disabled takes no lock at all.
     fn disable_channel(&self, group: usize, channel: usize, addr: std::net::SocketAddr) {
-        let done = self.boot.table.update(|w| {
+        let settled = self.boot.table.snapshot().is_some_and(|snap| {
+            snap.groups
+                .get(group)
+                .and_then(|g| g.channels.get(channel))
+                .is_some_and(|c| !c.enabled && c.addr == Some(addr))
+        });
+        if settled {
+            return;
+        }
+        let done = self.boot.table.update_within(Duration::ZERO, |w| {
             let now = w.config(group, channel)?.addr;
             if now != Some(addr) {
                 return Some(Err(now));
@@ -488,10 +510,42 @@ impl Supervisor {
                 );
             }
             Ok(_) => {}
+            Err(crate::table::TableError::Lock(crate::futex::LockError::Timeout { .. })) => {
+                let mut pending = self.pending_disables.borrow_mut();
+                if !pending.contains(&(group, channel, addr)) {
+                    pending.push((group, channel, addr));
+                }
+            }
             Err(e) => self.log(
                 Priority::Error,
                 format!("cannot disable group {group} channel {channel}: {e}"),
             ),
+        }
+    }
+
+    /// Tries the `-a` requests that found the table locked again; each stays until the
+    /// lock is free. A holder stopped for good is said once a minute at most.
+    fn retry_disables(&self) {
+        let pending = std::mem::take(&mut *self.pending_disables.borrow_mut());
+        for &(group, channel, addr) in &pending {
+            self.disable_channel(group, channel, addr);
+        }
+        let waiting = self.pending_disables.borrow().len();
+        if waiting > 0 {
+            let now = std::time::Instant::now();
+            let due = self
+                .disables_said
+                .get()
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60));
+            if due {
+                self.disables_said.set(Some(now));
+                self.log(
+                    Priority::Warning,
+                    format!(
+                        "{waiting} channel(s) to disable after failed connects wait for the table's lock, which another process holds"
+                    ),
+                );
+            }
         }
     }
 }

@@ -557,13 +557,22 @@ impl Table {
     /// Runs `f` as the table's writer: under the robust lock and inside a seqlock write.
     /// A previous writer that died mid-update is repaired first.
     pub fn update<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, TableError> {
+        self.update_within(LOCK_TIMEOUT, f)
+    }
+
+    /// [`Self::update`], waiting at most `timeout` for the lock.
+    pub fn update_within<R>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&Writer<'_>) -> R,
+    ) -> Result<R, TableError> {
         if !self.writable {
             return Err(TableError::Io(io::Error::from(
                 io::ErrorKind::PermissionDenied,
             )));
         }
         let h = self.header();
-        let guard = futex::lock(&h.lock, LOCK_TIMEOUT)?;
+        let guard = futex::lock(&h.lock, timeout)?;
         // An odd count under the lock is a write nobody is making: one cut short by its
         // writer's death, or a count set odd by a hand on the file. Left odd, every later
         // write would keep it odd and no reader would get a consistent copy again.

@@ -436,6 +436,67 @@ fn autodisable_marks_a_failed_channel_disabled() {
     );
 }
 
+/// With `-a`, a disable request that finds the table locked (a shell stopped while holding
+/// the lock) waits for the lock without holding the supervisor up, which used to wait two
+/// seconds per request: signals, restarts and reloads waited with it.
+#[test]
+fn autodisable_does_not_wait_on_a_locked_table() {
+    if !require_root() {
+        return;
+    }
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start_with(Start {
+        flags: &["-a"],
+        operands: &[refused_operand(), b1.operand()],
+        workers: 1,
+        ..Start::default()
+    });
+    let path = b.table_path();
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder_path = path.clone();
+    let holder = std::thread::spawn(move || {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&holder_path)
+            .expect("open the table");
+        let t = balance::table::Table::open(&file, true).expect("map the table");
+        t.update(|_| {
+            let _ = locked_tx.send(());
+            let _ = release_rx.recv_timeout(Duration::from_secs(20));
+        })
+        .expect("take the lock");
+    });
+    locked
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the lock taken");
+    // Connects to channel 0 are refused: each asks for it to be disabled.
+    assert_eq!(tags(&b, 6), ["B1"; 6]);
+    let asked = Instant::now();
+    signal(b.pid, nix::sys::signal::Signal::SIGHUP);
+    let answered = wait_until(Duration::from_secs(10), || {
+        b.stderr().contains("reload (SIGHUP)")
+    });
+    let took = asked.elapsed();
+    drop(release);
+    holder.join().expect("lock holder");
+    assert!(
+        answered && took < Duration::from_secs(1),
+        "SIGHUP answered after {took:?}"
+    );
+    // Once the lock is free, the request goes through.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let (_f, t) = table(&path);
+            t.snapshot()
+                .is_some_and(|s| !s.groups[0].channels[0].enabled)
+        }),
+        "channel 0 not disabled; stderr:\n{}",
+        b.stderr()
+    );
+}
+
 /// `-a` does not disable a channel that the operator disabled, reassigned and enabled while
 /// a connect to its old address was still under way: the failure is about the old address.
 #[test]
