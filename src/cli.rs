@@ -81,7 +81,7 @@ Examples:
 Signals (to the supervisor, the process that --pidfile names):
   SIGTERM, SIGINT  stop accepting, end the workers, remove the table file, exit 0
   SIGHUP           reload: replace the workers one by one (connections in progress finish
-                   on the old ones) and reconnect to syslog
+                   on the old ones), start worker slots given up again, reconnect to syslog
 
 Exit status:
   0   success

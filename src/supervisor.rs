@@ -339,6 +339,13 @@ async fn wait_for_stop(
             _ = hup.recv() => {
                 sup.log(Priority::Notice, "reload (SIGHUP): replacing workers".to_string());
                 sup.logger.borrow_mut().reconnect();
+                let revived = pool::revive_given_up(sup);
+                if revived > 0 {
+                    sup.log(
+                        Priority::Notice,
+                        format!("reload (SIGHUP): starting {revived} worker slot(s) given up earlier"),
+                    );
+                }
                 pool::request_round(sup, pool::Scope::All);
             }
             _ = poll.tick() => {

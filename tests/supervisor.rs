@@ -363,6 +363,72 @@ fn a_pool_that_cannot_run_ends_balance_with_an_error() {
 /// A start whose workers never come up ends with exit 70 and leaves neither the table nor
 /// the pid file behind (the pid file used to stay, so an init script took the instance
 /// for dead but started).
+/// Kills the worker of one of `b`'s two slots with `sig` `times` times, each time once its
+/// replacement runs (the restart backoff doubles: 1, 2, 4, 8 s). Returns when the last one
+/// has died.
+fn kill_a_worker_repeatedly(b: &Balance, sig: Signal, times: usize) {
+    let mut victim = b.workers()[0];
+    for round in 0..times {
+        let before = b.workers();
+        assert_eq!(before.len(), 2, "round {round}: {}", b.stderr());
+        signal(victim, sig);
+        if round + 1 == times {
+            assert!(wait_until(Duration::from_secs(5), || is_dead(victim)));
+            return;
+        }
+        // The same slot's next worker: the one pid that is new.
+        let mut next = None;
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                let now = b.workers();
+                next = now.iter().copied().find(|p| !before.contains(p));
+                now.len() == 2 && next.is_some()
+            }),
+            "round {round}: not replaced; stderr:\n{}",
+            b.stderr()
+        );
+        victim = next.expect("replacement");
+    }
+}
+
+/// SIGKILL comes from outside (the OOM killer, an operator): however often, the worker is
+/// restarted, where five early deaths by anything else give its slot up.
+#[test]
+fn workers_killed_from_outside_are_never_given_up() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[backend.operand()]);
+    kill_a_worker_repeatedly(&b, Signal::SIGKILL, 5);
+    assert!(b.logged("killed by signal 9"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!b.stderr().contains("not restarting"), "{}", b.stderr());
+}
+
+/// A slot given up after five early deaths starts again on a reload: the operator may
+/// have fixed what killed its workers.
+#[test]
+fn a_reload_starts_a_given_up_slot_again() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[backend.operand()]);
+    // SIGUSR1's default action ends a worker: a death that counts.
+    kill_a_worker_repeatedly(&b, Signal::SIGUSR1, 5);
+    assert!(b.logged("not restarting it"), "{}", b.stderr());
+    assert_eq!(b.workers().len(), 1);
+    signal(b.pid, Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || b.workers().len() == 2),
+        "the slot stayed given up; stderr:\n{}",
+        b.stderr()
+    );
+    assert!(b.logged("starting 1 worker slot(s) given up earlier"));
+    assert_eq!(greeting(b.addr()), "B1");
+}
+
 #[test]
 fn a_start_whose_workers_never_come_up_leaves_no_files() {
     if !require_root() {

@@ -21,7 +21,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -165,8 +165,9 @@ pub struct Pool {
     /// Pending replace requests, one per slot.
     requests: RefCell<Vec<Option<Answer>>>,
     replace: Vec<Notify>,
-    /// Slots given up after exhausting the crash budget.
+    /// Slots given up after exhausting the crash budget (a reload starts them again).
     pub dead_slots: Cell<usize>,
+    given_up: RefCell<Vec<bool>>,
     /// A round of replacements is under way.
     reloading: Cell<bool>,
     /// Another was asked for meanwhile: the one under way goes round once more, over the
@@ -190,6 +191,7 @@ impl Pool {
             requests: RefCell::new((0..size).map(|_| None).collect()),
             replace: (0..size).map(|_| Notify::new()).collect(),
             dead_slots: Cell::new(0),
+            given_up: RefCell::new(vec![false; size]),
             reloading: Cell::new(false),
             reload_again: Cell::new(None),
             versions: RefCell::new(vec![SlotPorts::default(); size]),
@@ -271,6 +273,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
     let mut waiting_for_row = false;
     while !sup.stopping.get() {
         let mut started = Instant::now();
+        let mut killed = false;
         match launch(&sup, slot).await {
             Ok(worker) => {
                 waiting_for_row = false;
@@ -295,6 +298,9 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                     return;
                 }
                 publish_admitted(&sup);
+                // SIGKILL comes from outside (the OOM killer, an operator), not from a
+                // worker that cannot run: restarted with the backoff, but never given up.
+                killed = matches!(&status, Ok(s) if s.signal() == Some(libc::SIGKILL));
                 sup.log(
                     Priority::Error,
                     format!("worker {slot} {}", describe_exit(status)),
@@ -326,7 +332,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
         if started.elapsed() >= HEALTHY_UPTIME {
             backoff = FIRST_BACKOFF;
             early_deaths = 0;
-        } else {
+        } else if !killed {
             early_deaths += 1;
         }
         if early_deaths >= CRASH_BUDGET {
@@ -338,6 +344,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                 let _ = tx.send(Err(format!("worker {slot} keeps dying at start-up")));
             }
             sup.pool.dead_slots.set(sup.pool.dead_slots.get() + 1);
+            sup.pool.given_up.borrow_mut()[slot] = true;
             sup.pool.changed.notify_waiters();
             return;
         }
@@ -408,6 +415,28 @@ async fn serve_slot(
             }
         }
     }
+}
+
+/// Starts the slots given up after too many early deaths again, with a fresh crash
+/// budget (a reload: the operator may have fixed the cause). Returns how many.
+pub fn revive_given_up(sup: &Rc<Supervisor>) -> usize {
+    let slots: Vec<usize> = sup
+        .pool
+        .given_up
+        .borrow_mut()
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(slot, given_up)| std::mem::take(given_up).then_some(slot))
+        .collect();
+    for &slot in &slots {
+        sup.pool
+            .dead_slots
+            .set(sup.pool.dead_slots.get().saturating_sub(1));
+        // Nobody waits for its first worker now: the start-up is long over.
+        let (ready, _) = oneshot::channel();
+        tokio::task::spawn_local(run_slot(Rc::clone(sup), slot, ready));
+    }
+    slots.len()
 }
 
 /// Replaces the workers in `scope`, one slot after the other, each new one ready before the
@@ -763,7 +792,6 @@ fn handle_message(
 }
 
 fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
-    use std::os::unix::process::ExitStatusExt;
     match status {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(code), _) => format!("exited with status {code}"),
