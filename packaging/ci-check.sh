@@ -368,6 +368,19 @@ refuses_to_start() {
     [ "$(rc_of service balance start)" -eq 6 ] && [ ! -e /run/balance/ci_rr.pid ]
 }
 check "service balance reload with nothing running: 7" [ "$(rc_of service balance reload)" -eq 7 ]
+# The run directory belongs to the service user: names it puts there must not steer root's
+# stop (a name with spaces used to become start-stop-daemon options and kill anything).
+sleep 600 &
+victim=$!
+pids+=("$victim")
+install -d -m 0750 -o balance -g balance /run/balance
+setpriv --reuid=balance --regid=balance --clear-groups sh -c "
+    echo $victim >/run/balance/x; echo $victim >'/run/balance/x --name sleep -- y.pid'
+    echo $victim >/run/balance/planted.pid"
+rc_of service balance stop >/dev/null
+check "stop leaves alone what the service user planted in /run/balance" kill -0 "$victim"
+kill "$victim" 2>/dev/null || true
+rm -rf /run/balance
 install -d -m 0750 -o root -g balance /run/balance
 echo "${pids[0]}" >/run/balance/ci_rr.pid
 check "status with another process's pid in the pid file: 1 (dead, pid file exists)" \
@@ -388,7 +401,10 @@ check "a misconfigured instance is named on the progress line" names_every_insta
 pids+=("$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)")
 service balance stop >/dev/null 2>&1 || true
 rm -rf /run/balance
-for bad in "--pidfile /tmp/other.pid" "-f" "-af" "-c show"; do
+# -fb ADDR used to pass (the cluster was taken for an option with a value) and hang the
+# start; --bogus is refused by balance itself (64), which is LSB's 6 too.
+for bad in "--pidfile /tmp/other.pid" "-f" "-af" "-c show" "-fb 127.0.0.1" "-cshow" "-V" \
+    "--help" "--bogus"; do
     printf '%s\nBALANCE_ARGS_ci_rr="%s %s 127.0.0.1:%s"\n' "$good_conf" "$bad" "$p1" "$b1" \
         >/etc/default/balance
     check "BALANCE_ARGS with $bad: start refuses (6) and starts nothing" refuses_to_start
@@ -425,6 +441,11 @@ check "and removes /run/balance" test ! -e /run/balance
 
 check "dpkg -r removed /usr/sbin/balance" test ! -e /usr/sbin/balance
 check "dpkg -r kept the conffile /etc/default/balance" test -e /etc/default/balance
+# An instance enabled the documented way ("systemctl enable balance@NAME") leaves a link
+# that debhelper does not know of.
+mkdir -p /etc/systemd/system/balance.service.wants
+ln -sf /lib/systemd/system/balance@.service \
+    /etc/systemd/system/balance.service.wants/balance@ci.service
 check "dpkg -P" dpkg -P balance
 installed=no
 leftovers=$(ls -d /etc/balance* /etc/default/balance /etc/init.d/balance /etc/rc?.d/*balance \
