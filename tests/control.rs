@@ -366,6 +366,30 @@ fn kill_stops_the_daemon_and_removes_the_table() {
     b.terminate();
 }
 
+/// A kill that does not finish (the supervisor is stopped) says so and is withdrawn: the
+/// supervisor does not shut down later, when it runs again.
+#[test]
+fn a_kill_that_fails_is_withdrawn() {
+    if !require_root() {
+        return;
+    }
+    let bs = backends(1);
+    let b = Balance::start(&[], &operands(&bs));
+    signal(b.pid, nix::sys::signal::Signal::SIGSTOP);
+    let o = b.control("kill");
+    signal(b.pid, nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(
+        (o.status.code(), stdout(&o)),
+        (Some(69), "shutdown failed.\n".into()),
+        "{}",
+        stderr(&o)
+    );
+    // Several of the supervisor's 200 ms looks at the flag.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!is_dead(b.pid), "shut down after all: {}", b.stderr());
+    assert_eq!(greeting(b.addr()), bs[0].tag, "not serving: {}", b.stderr());
+}
+
 /// The binary, copied where user `nobody` can execute it (the build dir may be private).
 fn public_binary() -> PathBuf {
     let dir = temp_dir("bin");

@@ -485,7 +485,18 @@ impl Session<'_> {
             match access::master_alive(self.file) {
                 Ok(false) => break,
                 Ok(true) if Instant::now() < deadline => std::thread::sleep(KILL_POLL),
-                Ok(true) => return Err(Failure::ShutdownFailed),
+                Ok(true) => {
+                    // Withdrawn, so that "failed" holds: a supervisor that was stopped
+                    // (SIGSTOP) would otherwise shut down whenever it runs again. One that
+                    // has seen the request already goes on regardless.
+                    let _ = self.table.header().shutdown.compare_exchange(
+                        1,
+                        0,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                    return Err(Failure::ShutdownFailed);
+                }
                 Err(e) => return Err(Failure::Table(TableError::Io(e))),
             }
         }
