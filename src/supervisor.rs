@@ -58,7 +58,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Fatal> {
             Ok(pipe) => Some(pipe),
             Err(e) => {
                 // The table is published already: a start that fails here leaves nothing.
-                boot.remove_files(None);
+                let _ = boot.remove_files(None);
                 return Err(e);
             }
         }
@@ -155,11 +155,13 @@ fn supervise(
                     format!("cannot write pid file {}: {e}", path.display()),
                 )
             })
-            .inspect_err(|_| boot.remove_files(None))?;
+            .inspect_err(|_| {
+                let _ = boot.remove_files(None);
+            })?;
     }
     let pidfile = args.pidfile.as_deref();
     let abandon = |e: Fatal| {
-        boot.remove_files(pidfile);
+        let _ = boot.remove_files(pidfile);
         e
     };
     boot.table
@@ -248,7 +250,9 @@ fn supervise(
         .enable_all()
         .build()
         .map_err(|e| Fatal::new(EX_OSERR, format!("cannot start the event loop: {e}")))
-        .inspect_err(|_| sup.boot.remove_files(pidfile))?;
+        .inspect_err(|_| {
+            let _ = sup.boot.remove_files(pidfile);
+        })?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let signals = (
@@ -283,7 +287,7 @@ fn supervise(
         .unwrap_or_else(|_| Err("workers did not become ready in time".into()));
         if let Err(e) = started {
             stop_workers(&sup, slots).await;
-            sup.boot.remove_files(pidfile);
+            let _ = sup.boot.remove_files(pidfile);
             return Err(Fatal::new(EX_SOFTWARE, format!("balance: {e}")));
         }
         if let Some(pipe) = launcher {
@@ -307,7 +311,11 @@ fn supervise(
         log_audit_records(&sup);
         sup.log(Priority::Notice, format!("shutting down ({reason})"));
         stop_workers(&sup, slots).await;
-        sup.boot.remove_files(pidfile);
+        for left in sup.boot.remove_files(pidfile) {
+            // The service user must be able to write where they are (the run directory
+            // is theirs; a pid file elsewhere may not be).
+            sup.log(Priority::Warning, format!("cannot remove {left}"));
+        }
         if sup.pool.dead_slots.get() >= workers {
             sup.log(
                 Priority::Critical,

@@ -393,6 +393,30 @@ fn an_ipv6_lookalike_channel_is_pointed_out() {
     );
 }
 
+/// A pid file the service user cannot remove (its directory is root's) stays after a stop,
+/// and the log says so instead of nothing.
+#[test]
+fn a_pid_file_left_behind_is_logged() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let dir = temp_dir("pidleft");
+    let pidfile = dir.join("balance.pid");
+    let pidfile_arg = pidfile.display().to_string();
+    let mut b = Balance::start(&["--pidfile", &pidfile_arg], &[backend.operand()]);
+    assert!(pidfile.exists());
+    let status = b.terminate().expect("exit status");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        b.stderr().contains(&format!(
+            "cannot remove the pid file {pidfile_arg}: Permission denied"
+        )),
+        "{}",
+        b.stderr()
+    );
+}
+
 #[test]
 fn daemon_detaches_and_sigterm_cleans_up() {
     if !require_root() {

@@ -71,15 +71,28 @@ impl Boot {
     /// Removes the table file and `pidfile` (shutdown, or a start that failed). The table
     /// goes after the privilege drop too, because the run directory belongs to the service
     /// user and we hold a descriptor on it; the pid file only where that user may remove it.
-    pub fn remove_files(&self, pidfile: Option<&Path>) {
-        let _ = nix::unistd::unlinkat(
+    ///
+    /// Returns what could not be removed (a file already gone is not that), for the log.
+    pub fn remove_files(&self, pidfile: Option<&Path>) -> Vec<String> {
+        let mut left = Vec::new();
+        let table = nix::unistd::unlinkat(
             &self.run_dir,
             self.table_name.as_str(),
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
-        if let Some(path) = pidfile {
-            let _ = std::fs::remove_file(path);
+        if let Err(e) = table.map_err(std::io::Error::from) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                left.push(format!("the table file {}: {e}", self.table_name));
+            }
         }
+        if let Some(path) = pidfile {
+            if let Err(e) = std::fs::remove_file(path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    left.push(format!("the pid file {}: {e}", path.display()));
+                }
+            }
+        }
+        left
     }
 }
 
