@@ -546,9 +546,13 @@ impl Worker {
             return;
         }
         let live = self.live;
+        let short_of = match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => "descriptors",
+            _ => "memory or epoll watches",
+        };
         self.notice(Notice::Saturated, None, || {
             format!(
-                "out of descriptors ({e}) with {live} connections: not accepting until one \
+                "out of {short_of} ({e}) with {live} connections: not accepting until one \
                  of them closes, new connections are left to the other workers"
             )
         });

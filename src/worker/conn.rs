@@ -135,6 +135,12 @@ impl Worker {
         {
             self.debug(format_args!("cannot watch the connection from {peer}: {e}"));
             self.free.closed(i);
+            // Out of memory or of epoll watches (a per-user limit): like a shortage of
+            // descriptors, let the other workers take new connections for a while rather
+            // than accept and drop each one.
+            if relay::is_shortage(&e) {
+                self.stop_accepting(&e);
+            }
             return;
         }
         let snap = self.snapshot();
