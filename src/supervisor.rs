@@ -103,14 +103,28 @@ struct Supervisor {
     /// The next audit record of the table's ring to log.
     audit_next: Cell<u64>,
     landlock_warned: Cell<bool>,
-    /// `-a` requests that found the table locked, retried at each tick (one per channel
-    /// and address).
-    pending_disables: RefCell<Vec<(usize, usize, std::net::SocketAddr)>>,
+    /// `-a` requests that found the table locked, retried at each tick: one per channel,
+    /// the latest failure's address and time.
+    pending_disables: RefCell<Vec<PendingDisable>>,
     /// When the wait for the lock was last logged.
     disables_said: Cell<Option<std::time::Instant>>,
     /// Wakes slot tasks out of their restart backoff at shutdown.
     wake: tokio::sync::Notify,
 }
+
+/// An `-a` request waiting for the table's lock.
+#[derive(Clone, Copy)]
+struct PendingDisable {
+    group: usize,
+    channel: usize,
+    addr: std::net::SocketAddr,
+    /// When the connect failed.
+    failed: std::time::Instant,
+}
+
+/// How long an `-a` request waits for the table's lock: a failure much older than that
+/// says little about the channel now.
+const DISABLE_WAIT: Duration = Duration::from_secs(10);
 
 /// Writes our pid to `path`, still as root, and often in a directory the service user owns:
 /// a symbolic link, a second hard link or anything but a plain file there is refused rather
@@ -471,7 +485,8 @@ async fn stop_workers(sup: &Supervisor, slots: Vec<tokio::task::JoinHandle<()>>)
         // Any still here: one that was being started and has not reported ready yet.
         kill_all();
     }
-    for slot in slots {
+    let revived = std::mem::take(&mut *sup.pool.revived.borrow_mut());
+    for slot in slots.into_iter().chain(revived) {
         let _ = slot.await;
     }
 }
@@ -488,8 +503,24 @@ impl Supervisor {
     /// The supervisor's one thread must not wait for the lock (a shell stopped while holding
     /// it would hold up signals and restarts, two seconds per request): a request that
     /// finds it taken waits in `pending_disables` for the next tick, merged with others for
-    /// the same channel. One for a channel already disabled takes no lock at all.
+    /// the same channel, for at most [`DISABLE_WAIT`]. One for a channel already disabled
+    /// takes no lock at all.
     fn disable_channel(&self, group: usize, channel: usize, addr: std::net::SocketAddr) {
+        self.try_disable(PendingDisable {
+            group,
+            channel,
+            addr,
+            failed: std::time::Instant::now(),
+        });
+    }
+
+    fn try_disable(&self, request: PendingDisable) {
+        let PendingDisable {
+            group,
+            channel,
+            addr,
+            ..
+        } = request;
         let settled = self.boot.table.snapshot().is_some_and(|snap| {
             snap.groups
                 .get(group)
@@ -525,10 +556,17 @@ impl Supervisor {
                 );
             }
             Ok(_) => {}
-            Err(crate::table::TableError::Lock(crate::futex::LockError::Timeout { .. })) => {
+            Err(crate::table::TableError::Lock(crate::futex::LockError::Timeout { .. }))
+                if request.failed.elapsed() < DISABLE_WAIT =>
+            {
                 let mut pending = self.pending_disables.borrow_mut();
-                if !pending.contains(&(group, channel, addr)) {
-                    pending.push((group, channel, addr));
+                match pending
+                    .iter_mut()
+                    .find(|p| (p.group, p.channel) == (group, channel))
+                {
+                    Some(older) if older.failed <= request.failed => *older = request,
+                    Some(_) => {}
+                    None => pending.push(request),
                 }
             }
             Err(e) => self.log(
@@ -538,12 +576,13 @@ impl Supervisor {
         }
     }
 
-    /// Tries the `-a` requests that found the table locked again; each stays until the
-    /// lock is free. A holder stopped for good is said once a minute at most.
+    /// Tries the `-a` requests that found the table locked again (a request older than
+    /// [`DISABLE_WAIT`] is given up with an error line). A holder stopped for good is said
+    /// once a minute at most.
     fn retry_disables(&self) {
         let pending = std::mem::take(&mut *self.pending_disables.borrow_mut());
-        for &(group, channel, addr) in &pending {
-            self.disable_channel(group, channel, addr);
+        for request in pending {
+            self.try_disable(request);
         }
         let waiting = self.pending_disables.borrow().len();
         if waiting > 0 {

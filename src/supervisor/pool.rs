@@ -168,6 +168,10 @@ pub struct Pool {
     /// Slots given up after exhausting the crash budget (a reload starts them again).
     pub dead_slots: Cell<usize>,
     given_up: RefCell<Vec<bool>>,
+    /// The tasks of slots started again by a reload, awaited at shutdown like the first.
+    pub revived: RefCell<Vec<JoinHandle<()>>>,
+    /// Workers this supervisor killed for misbehaving: their SIGKILL counts as a crash.
+    punished: RefCell<std::collections::HashSet<u32>>,
     /// A round of replacements is under way.
     reloading: Cell<bool>,
     /// Another was asked for meanwhile: the one under way goes round once more, over the
@@ -192,6 +196,8 @@ impl Pool {
             replace: (0..size).map(|_| Notify::new()).collect(),
             dead_slots: Cell::new(0),
             given_up: RefCell::new(vec![false; size]),
+            punished: RefCell::new(std::collections::HashSet::new()),
+            revived: RefCell::new(Vec::new()),
             reloading: Cell::new(false),
             reload_again: Cell::new(None),
             versions: RefCell::new(vec![SlotPorts::default(); size]),
@@ -281,7 +287,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                     let _ = tx.send(Ok(()));
                 }
                 publish_admitted(&sup);
-                let (status, since) = serve_slot(&sup, slot, worker).await;
+                let (status, since, pid) = serve_slot(&sup, slot, worker).await;
                 // The uptime that counts is the dead worker's: a replacement started by a
                 // reload that dies at once is an early death.
                 started = since;
@@ -298,9 +304,11 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                     return;
                 }
                 publish_admitted(&sup);
-                // SIGKILL comes from outside (the OOM killer, an operator), not from a
-                // worker that cannot run: restarted with the backoff, but never given up.
-                killed = matches!(&status, Ok(s) if s.signal() == Some(libc::SIGKILL));
+                // A SIGKILL from outside (the OOM killer, an operator) is not a worker that
+                // cannot run: restarted with the backoff, but never given up. One from this
+                // supervisor, for misbehaving, is a crash like any other.
+                let punished = sup.pool.punished.borrow_mut().remove(&pid);
+                killed = !punished && matches!(&status, Ok(s) if s.signal() == Some(libc::SIGKILL));
                 sup.log(
                     Priority::Error,
                     format!("worker {slot} {}", describe_exit(status)),
@@ -360,17 +368,18 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
 }
 
 /// Waits for the slot's worker to die, replacing it whenever asked; returns the exit status
-/// of the worker that died and when it was launched.
+/// of the worker that died, when it was launched, and its pid.
 async fn serve_slot(
     sup: &Rc<Supervisor>,
     slot: usize,
     mut worker: Worker,
-) -> (std::io::Result<std::process::ExitStatus>, Instant) {
+) -> (std::io::Result<std::process::ExitStatus>, Instant, u32) {
     let mut since = Instant::now();
     loop {
         tokio::select! {
             status = &mut worker.done => {
-                return (status.unwrap_or_else(|e| Err(std::io::Error::other(e))), since);
+                let status = status.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                return (status, since, worker.pid);
             }
             () = sup.pool.replace[slot].notified() => {
                 let answer = sup.pool.requests.borrow_mut()[slot].take();
@@ -388,6 +397,7 @@ async fn serve_slot(
                         tokio::task::spawn_local(async move {
                             if !queued {
                                 let _ = ipc::send(&old.channel, &Message::Drain, &[]).await;
+                                publish_admitted(&sup2);
                             }
                             let status = old.done.await;
                             if sup2.stopping.get() {
@@ -403,8 +413,11 @@ async fn serve_slot(
                                 ),
                             );
                         });
-                        // Draining, it accepts no more: the ports are admitted now.
-                        publish_admitted(sup);
+                        // Draining, it accepts no more: the ports are admitted now (once
+                        // the drain is sent, when it had to wait).
+                        if queued {
+                            publish_admitted(sup);
+                        }
                         Ok(())
                     }
                     Err(e) => Err(e),
@@ -434,7 +447,10 @@ pub fn revive_given_up(sup: &Rc<Supervisor>) -> usize {
             .set(sup.pool.dead_slots.get().saturating_sub(1));
         // Nobody waits for its first worker now: the start-up is long over.
         let (ready, _) = oneshot::channel();
-        tokio::task::spawn_local(run_slot(Rc::clone(sup), slot, ready));
+        let task = tokio::task::spawn_local(run_slot(Rc::clone(sup), slot, ready));
+        let mut revived = sup.pool.revived.borrow_mut();
+        revived.retain(|t| !t.is_finished());
+        revived.push(task);
     }
     slots.len()
 }
@@ -705,6 +721,7 @@ async fn watch(
                         false
                     };
                     if !fine {
+                        sup.pool.punished.borrow_mut().insert(pid);
                         let _ = child.start_kill();
                         break child.wait().await;
                     }
@@ -712,6 +729,7 @@ async fn watch(
                 Err(IpcError::Closed) => break child.wait().await,
                 Err(e) => {
                     sup.log(Priority::Error, format!("worker {slot} sent a bad message ({e}); stopping it"));
+                    sup.pool.punished.borrow_mut().insert(pid);
                     let _ = child.start_kill();
                     break child.wait().await;
                 }
