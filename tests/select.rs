@@ -335,7 +335,7 @@ fn a_backend_that_resets_at_once_made_a_connection() {
     let filler = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("filler");
     let b2 = Backend::start("B2", Behaviour::TagEcho);
     let b = Balance::start_with(Start {
-        flags: &["-a", "-t", "5"],
+        flags: &["-a", "-d", "-t", "5", "--log-connections"],
         operands: &[format!("127.0.0.1:{port}"), b2.operand()],
         workers: 1,
         ..Start::default()
@@ -391,6 +391,12 @@ fn a_backend_that_resets_at_once_made_a_connection() {
     assert!(
         t.snapshot().expect("snapshot").groups[0].channels[0].enabled,
         "-a disabled the channel; stderr:\n{}",
+        b.stderr()
+    );
+    // Logged like any connection, though the reset socket has no peer address left.
+    assert!(
+        b.logged(&format!("via group 0 channel 0 (127.0.0.1:{port})")),
+        "{}",
         b.stderr()
     );
 }

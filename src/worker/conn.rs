@@ -477,7 +477,13 @@ impl Worker {
         // Nothing of the choice is needed while the bytes flow.
         let logged = match &conn.phase {
             Phase::Connecting(connecting) if self.config.log_connections => {
-                backend.peer_addr().ok().map(|addr| {
+                // A backend that has reset already has no peer address any more: the
+                // channel's address is the one connected to.
+                let chosen = || {
+                    let g = connecting.snap.groups.get(g as usize)?;
+                    g.channels.get(c as usize)?.addr
+                };
+                backend.peer_addr().ok().or_else(chosen).map(|addr| {
                     Box::new(Logged {
                         started: connecting.started,
                         addr,
