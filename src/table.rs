@@ -71,7 +71,8 @@ pub struct Header {
     pub supervisor_pid: AtomicU32,
     /// Set (Release) once the table is fully initialised.
     pub ready: AtomicU32,
-    /// Set by `kill`: the supervisor shuts down when it sees it.
+    /// Set by `kill` (to the shell's pid): the supervisor shuts down when it sees it
+    /// non-zero.
     pub shutdown: AtomicU32,
     /// The robust writer lock (see `futex`).
     pub lock: AtomicU32,

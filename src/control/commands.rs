@@ -479,7 +479,10 @@ impl Session<'_> {
         // About the instance, not the group the shell is in.
         event.group = None;
         self.record(&event);
-        self.table.header().shutdown.store(1, Ordering::Release);
+        // The request is this shell's pid (never 0), so that withdrawing it below cannot
+        // take back another shell's.
+        let mine = std::process::id().max(1);
+        self.table.header().shutdown.store(mine, Ordering::Release);
         let deadline = Instant::now() + KILL_WAIT;
         loop {
             match access::master_alive(self.file) {
@@ -489,12 +492,22 @@ impl Session<'_> {
                     // Withdrawn, so that "failed" holds: a supervisor that was stopped
                     // (SIGSTOP) would otherwise shut down whenever it runs again. One that
                     // has seen the request already goes on regardless.
-                    let _ = self.table.header().shutdown.compare_exchange(
-                        1,
-                        0,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    );
+                    let withdrawn = self
+                        .table
+                        .header()
+                        .shutdown
+                        .compare_exchange(mine, 0, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok();
+                    if withdrawn {
+                        let mut event = self.event(
+                            cmd,
+                            None,
+                            "shutting down",
+                            "running (no shutdown within the wait: request withdrawn)",
+                        );
+                        event.group = None;
+                        self.record(&event);
+                    }
                     return Err(Failure::ShutdownFailed);
                 }
                 Err(e) => return Err(Failure::Table(TableError::Io(e))),
