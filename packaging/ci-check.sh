@@ -410,6 +410,20 @@ for bad in "--pidfile /tmp/other.pid" "-f" "-af" "-c show" "-fb 127.0.0.1" "-csh
     check "BALANCE_ARGS with $bad: start refuses (6) and starts nothing" refuses_to_start
     service balance stop >/dev/null 2>&1 || true
 done
+# An option's value that starts with a dash is not taken for flags: here balance itself
+# refuses the group (67, LSB's 6), not the init script.
+printf '%s\nBALANCE_ARGS_ci_rr="--control-group -fx %s 127.0.0.1:%s"\n' "$good_conf" "$p1" "$b1" \
+    >/etc/default/balance
+value_is_not_flags() {
+    local out rc=0
+    out=$(timeout 60 service balance start 2>&1) || rc=$?
+    [ "$rc" -eq 6 ] && ! grep -q "leave out" <<<"$out" && grep -q -- "-fx" <<<"$out" ||
+        { echo "rc=$rc: $out"; return 1; }
+}
+check "a value starting with a dash (--control-group -fx) is balance's to judge" value_is_not_flags
+pids+=("$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)")
+service balance stop >/dev/null 2>&1 || true
+rm -rf /run/balance
 printf 'BALANCE_INSTANCES="ci_rr"\nBALANCE_ARGS_ci_rr="-b 127.0.0.1 %s 127.0.0.1:%s"\n' \
     "$b1" "$b2" >/etc/default/balance
 check "a start that fails (port $b1 taken) is 1 and leaves no /run/balance" \

@@ -256,9 +256,10 @@ pub fn worker_child_setup(cmd: &mut Command, channel: RawFd) {
             }
             // Everything above fd 3 is closed at exec, except the executable fd, which the
             // kernel needs until exec resolves it: mark close-on-exec rather than close.
-            // Before Linux 5.11 (no CLOSE_RANGE_CLOEXEC), one descriptor at a time up to
-            // the limit: otherwise the worker would inherit the supervisor's descriptors,
-            // the table's writable one among them.
+            // Before Linux 5.11 (no CLOSE_RANGE_CLOEXEC), one descriptor at a time: otherwise
+            // the worker would inherit the supervisor's descriptors, the table's writable
+            // one among them. (Closing them instead would also close std's pipe that reports
+            // a failed exec.)
             let marked = libc::syscall(
                 libc::SYS_close_range,
                 4u32,
@@ -290,10 +291,12 @@ pub fn worker_child_setup(cmd: &mut Command, channel: RawFd) {
     }
 }
 
-/// Marks descriptors `from..to` close-on-exec, one call each (at most 2^20 of them, the
-/// kernel's ceiling); async-signal-safe. A number that is not open fails harmlessly.
+/// Marks descriptors `from..to` close-on-exec, one call each, async-signal-safe; a number
+/// that is not open fails harmlessly. At most the first 65,536 numbers: the supervisor
+/// holds a few dozen descriptors, all numbered low, and a soft limit of a million (common
+/// in containers) must not cost a million calls per worker start.
 fn cloexec_each(from: libc::c_int, to: libc::rlim_t) {
-    let to = libc::c_int::try_from(to.min(1 << 20)).unwrap_or(1 << 20);
+    let to = libc::c_int::try_from(to.min(1 << 16)).unwrap_or(1 << 16);
     for fd in from..to {
         // SAFETY: F_SETFD on a number that may or may not be open touches no memory.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
