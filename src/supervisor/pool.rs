@@ -69,7 +69,10 @@ enum LaunchError {
 impl std::fmt::Display for LaunchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LaunchError::NoRow => f.write_str("every table row is taken by draining workers"),
+            LaunchError::NoRow => f.write_str(
+                "no table row is free (draining workers hold them, and the last ones are \
+                 kept for slots whose worker died)",
+            ),
             LaunchError::Stopping => f.write_str("stopping"),
             LaunchError::Failed(e) => f.write_str(e),
         }
@@ -229,8 +232,23 @@ impl Pool {
         }
     }
 
-    fn take_row(&self) -> Option<usize> {
+    /// A free table row for a worker of `slot`. A replacement (the slot has a serving
+    /// worker still) leaves one free row for every other slot without a worker: a worker
+    /// that died frees its row, and a reload's replacement must not take it from the
+    /// slot that needs it to serve at all.
+    fn take_row(&self, slot: usize) -> Option<usize> {
+        let versions = self.versions.borrow();
+        let given_up = self.given_up.borrow();
         let mut rows = self.rows.borrow_mut();
+        if versions[slot].serving.is_some() {
+            let without = (0..self.size)
+                .filter(|&s| s != slot && !given_up[s])
+                .filter(|&s| versions[s].serving.is_none() && versions[s].starting.is_none())
+                .count();
+            if rows.iter().filter(|used| !**used).count() <= without {
+                return None;
+            }
+        }
         let row = rows.iter().position(|used| !used)?;
         rows[row] = true;
         Some(row)
@@ -616,7 +634,7 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, LaunchError
 
 /// [`launch`] without the bookkeeping: a worker admitting `ports`.
 async fn start(sup: &Rc<Supervisor>, slot: usize, ports: Vec<u16>) -> Result<Worker, LaunchError> {
-    let row = sup.pool.take_row().ok_or(LaunchError::NoRow)?;
+    let row = sup.pool.take_row(slot).ok_or(LaunchError::NoRow)?;
     let (child, channel) = match spawn(sup, row, ports).await {
         Ok(started) => started,
         Err(e) => {
