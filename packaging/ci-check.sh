@@ -337,6 +337,27 @@ check "balance -c show as user nobody without the group is refused" \
     bash -c "! setpriv --reuid=nobody --regid=nogroup --clear-groups \
         /usr/sbin/balance -c show $p1 >/dev/null 2>&1"
 
+# One instance at a time: restarting or stopping ci_bound leaves ci_rr alone.
+rr_pid=$(cat /run/balance/ci_rr.pid 2>/dev/null || echo 0)
+old_bound=$sup2
+check "service balance restart ci_bound" service balance restart ci_bound
+sup2=$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)
+pids+=("$sup2")
+check "restart ci_bound kept ci_rr ($rr_pid)" \
+    [ "$(cat /run/balance/ci_rr.pid 2>/dev/null)" = "$rr_pid" ]
+check "restart ci_bound started a new one ($old_bound -> $sup2)" \
+    bash -c "[ '$sup2' != '$old_bound' ] && kill -0 $sup2"
+check "service balance stop ci_bound, ci_rr still running" bash -c "
+    service balance stop ci_bound >/dev/null && [ ! -e /run/balance/ci_bound.pid ] &&
+    service balance status ci_rr >/dev/null"
+check "service balance start ci_bound" service balance start ci_bound
+sup2=$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)
+pids+=("$sup2")
+check "an instance not in /etc/default/balance: 6" \
+    [ "$(timeout 60 service balance restart nosuch >/dev/null 2>&1; echo $?)" -eq 6 ]
+check "an invalid instance name: 2" \
+    [ "$(timeout 60 service balance stop 'a;b' >/dev/null 2>&1; echo $?)" -eq 2 ]
+
 # reload sends SIGHUP: the workers are replaced one by one, the supervisor stays.
 before=$(cat /run/balance/ci_rr.pid || true)
 check "service balance reload" service balance reload
