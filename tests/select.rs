@@ -572,6 +572,50 @@ fn ipv6_backends_are_reached() {
     assert_eq!(total, 1);
 }
 
+/// A source address written IPv4-mapped (`-B ::ffff:127.0.0.2`) is the IPv4 address it
+/// maps: used for IPv4 channels (it was left out), never bound for an IPv6 one (every
+/// connect there failed, and `-a` disabled the channel).
+#[test]
+fn a_v4_mapped_source_address_is_taken_as_ipv4() {
+    if !require_root() {
+        return;
+    }
+    let v6 = Backend::start_on("[::1]:0", "V6", Behaviour::TagEcho);
+    let v4 = Backend::start("V4", Behaviour::TagEcho);
+    let b = Balance::start(
+        &["-a", "-B", "::ffff:127.0.0.2"],
+        &[v6.operand(), v4.operand()],
+    );
+    assert_eq!(tags(&b, 2), ["V6", "V4"]);
+    let source: IpAddr = "127.0.0.2".parse().expect("address");
+    assert_eq!(v4.peers().first().map(|p| p.ip()), Some(source));
+    let (_f, t) = table(&b.table_path());
+    assert!(
+        t.snapshot().expect("snapshot").groups[0].channels[0].enabled,
+        "{}",
+        b.stderr()
+    );
+}
+
+/// An IPv4 client of an IPv6 listener (`-6`) arrives as ::ffff:a.b.c.d; it is logged as the
+/// IPv4 address it is, as without `-6` and as the hash group sees it.
+#[test]
+fn an_ipv4_client_of_an_ipv6_listener_is_logged_as_ipv4() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start_with(Start {
+        flags: &["-6", "-d", "--log-connections"],
+        operands: &[backend.operand()],
+        bind: "::ffff:127.0.0.1",
+        ..Start::default()
+    });
+    assert_eq!(greeting(b.addr()), "B1");
+    assert!(b.logged("connection from 127.0.0.1:"), "{}", b.stderr());
+    assert!(!b.stderr().contains("from [::ffff:"), "{}", b.stderr());
+}
+
 #[test]
 fn a_source_address_that_cannot_be_bound_is_left_out_as_the_original_did() {
     if !require_root() {

@@ -111,7 +111,8 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
     };
     let groups = resolve_groups(args)?;
     let source = match &args.source {
-        Some(host) => Some(resolve_host(host, 0)?.ip()),
+        // ::ffff:a.b.c.d is the IPv4 address a.b.c.d.
+        Some(host) => Some(resolve_host(host, 0)?.ip().to_canonical()),
         None => None,
     };
     let listen = &args.common.listen;

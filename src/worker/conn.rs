@@ -120,6 +120,9 @@ enum Ending {
 impl Worker {
     /// A new client: choose the candidates and start connecting.
     pub(super) fn open(&mut self, mut client: TcpStream, peer: SocketAddr) {
+        // An IPv4 client of a dual-stack listener (-6) arrives as ::ffff:a.b.c.d: logged
+        // (and hashed) as the IPv4 address it is.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         self.debug(format_args!("connect from {peer}"));
         let i = match self.free.take() {
             Some(i) => i,
@@ -886,6 +889,11 @@ fn start_connect(
     source: Option<IpAddr>,
 ) -> io::Result<(TcpStream, Option<Errno>)> {
     use nix::sys::socket::{socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    // An IPv4-mapped address (::ffff:a.b.c.d), channel or source, is the IPv4 address it
+    // maps: the source then goes with IPv4 channels, and is never bound to a socket for a
+    // real IPv6 channel, whose every connect it would fail.
+    let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+    let source = source.map(|s| s.to_canonical());
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
