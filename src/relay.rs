@@ -581,11 +581,18 @@ fn copy(
     Ok(Some(n))
 }
 
+/// Writes one `-p` block on stdout. A stdout that cannot take it (a closed pipe, a full
+/// disk) loses the dump, never the connection; the first such loss is said on stderr.
 fn write_dump(dir: Direction, data: Option<&[u8]>) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let block = format_dump(dir, data);
     let mut out = io::stdout().lock();
-    let _ = out.write_all(block.as_bytes());
-    let _ = out.flush();
+    let written = out.write_all(block.as_bytes()).and_then(|()| out.flush());
+    if let Err(e) = written {
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            crate::say!("balance: -p: cannot write the dump on stdout ({e}); what follows is lost");
+        }
+    }
 }
 
 /// One read in the original's `-p` format: a header `-> N` / `-< N` (N = -1 for an error),

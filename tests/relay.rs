@@ -240,6 +240,32 @@ fn relayed_sockets_have_nodelay_and_keepalive() {
     assert_eq!(seen, expected);
 }
 
+/// A `-p` dump that stdout cannot take (here /dev/full) is lost, not the connections, and
+/// the loss is said once on stderr (it used to go unsaid).
+#[test]
+fn a_dump_that_cannot_be_written_is_said_once() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start_with(Start {
+        flags: &["-p"],
+        operands: &[backend.operand()],
+        workers: 1,
+        wrapper: &["sh", "-c", "exec \"$0\" \"$@\" >/dev/full"],
+        ..Start::default()
+    });
+    for _ in 0..3 {
+        assert_eq!(greeting(b.addr()), "B1");
+    }
+    assert!(
+        b.logged("-p: cannot write the dump on stdout (No space left on device"),
+        "{}",
+        b.stderr()
+    );
+    assert_eq!(b.stderr().matches("cannot write the dump").count(), 1);
+}
+
 #[test]
 fn packet_dump_in_the_originals_format() {
     if !require_root() {
