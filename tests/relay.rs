@@ -240,6 +240,17 @@ fn relayed_sockets_have_nodelay_and_keepalive() {
     assert_eq!(seen, expected);
 }
 
+/// `-p` with one worker in front of `backend`, started through `wrapper` (see [`Start`]).
+fn dumping<'a>(backend: &Backend, wrapper: &'a [&'a str]) -> Balance {
+    Balance::start_with(Start {
+        flags: &["-p"],
+        operands: &[backend.operand()],
+        workers: 1,
+        wrapper,
+        ..Start::default()
+    })
+}
+
 /// A `-p` dump that stdout cannot take (here /dev/full) is lost, not the connections, and
 /// the loss is said once on stderr (it used to go unsaid).
 #[test]
@@ -248,13 +259,7 @@ fn a_dump_that_cannot_be_written_is_said_once() {
         return;
     }
     let backend = Backend::start("B1", Behaviour::TagEcho);
-    let b = Balance::start_with(Start {
-        flags: &["-p"],
-        operands: &[backend.operand()],
-        workers: 1,
-        wrapper: &["sh", "-c", "exec \"$0\" \"$@\" >/dev/full"],
-        ..Start::default()
-    });
+    let b = dumping(&backend, &["sh", "-c", "exec \"$0\" \"$@\" >/dev/full"]);
     for _ in 0..3 {
         assert_eq!(greeting(b.addr()), "B1");
     }
@@ -272,12 +277,7 @@ fn packet_dump_in_the_originals_format() {
         return;
     }
     let backend = Backend::start("B1", Behaviour::TagEcho);
-    let b = Balance::start_with(Start {
-        flags: &["-p"],
-        operands: &[backend.operand()],
-        workers: 1,
-        ..Start::default()
-    });
+    let b = dumping(&backend, &[]);
     let (mut conn, tag) = hold(b.addr());
     assert_eq!(tag, "B1");
     conn.write_all(b"hello\tworld\\ \x01\xff\x7f~\r\nline2\n")
