@@ -191,6 +191,13 @@ fn daemon_events_reach_syslog() {
     signal(victim, Signal::SIGKILL);
     rx.expect(DAEMON_ERR, &["killed by signal 9"]);
     rx.expect(DAEMON_NOTICE, &["restarting worker"]);
+    // Its replacement serves (a reload leaves a worker that is still starting alone: the
+    // list below would name one that is not retired).
+    assert!(
+        wait_until(Duration::from_secs(10), || rx.count(" started (pid ") >= 3),
+        "{}",
+        rx.lines().join("\n")
+    );
 
     // A reload: the workers it retires are on record as they go, like their starts.
     let retiring = b.workers();
