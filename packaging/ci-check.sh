@@ -408,10 +408,20 @@ check "status with another process's pid in the pid file: 1 (dead, pid file exis
     [ "$(rc_of service balance status)" -eq 1 ]
 rm -rf /run/balance
 good_conf=$(cat /etc/default/balance)
+# ci_rr_args ARGS: the configuration as it was, with ARGS before ci_rr's port and channel.
+ci_rr_args() {
+    printf '%s\nBALANCE_ARGS_ci_rr="%s %s 127.0.0.1:%s"\n' "$good_conf" "$1" "$p1" "$b1" \
+        >/etc/default/balance
+}
+# Stops what a start left running (ci_bound; by pid at exit should the init script fail to).
+stop_the_rest() {
+    pids+=("$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)")
+    service balance stop >/dev/null 2>&1 || true
+    rm -rf /run/balance
+}
 # The progress line names the misconfigured instance too (it used to leave it out, so that
 # "failed!" seemed to be about the instance before it).
-printf '%s\nBALANCE_ARGS_ci_rr="-af %s 127.0.0.1:%s"\n' "$good_conf" "$p1" "$b1" \
-    >/etc/default/balance
+ci_rr_args -af
 names_every_instance() {
     local out
     out=$(service balance start 2>&1)
@@ -419,22 +429,18 @@ names_every_instance() {
         { echo "$out"; return 1; }
 }
 check "a misconfigured instance is named on the progress line" names_every_instance
-pids+=("$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)")
-service balance stop >/dev/null 2>&1 || true
-rm -rf /run/balance
+stop_the_rest
 # -fb ADDR used to pass (the cluster was taken for an option with a value) and hang the
 # start; --bogus is refused by balance itself (64), which is LSB's 6 too.
 for bad in "--pidfile /tmp/other.pid" "-f" "-af" "-c show" "-fb 127.0.0.1" "-cshow" "-V" \
     "--help" "--bogus"; do
-    printf '%s\nBALANCE_ARGS_ci_rr="%s %s 127.0.0.1:%s"\n' "$good_conf" "$bad" "$p1" "$b1" \
-        >/etc/default/balance
+    ci_rr_args "$bad"
     check "BALANCE_ARGS with $bad: start refuses (6) and starts nothing" refuses_to_start
-    service balance stop >/dev/null 2>&1 || true
+    stop_the_rest
 done
 # An option's value that starts with a dash is not taken for flags: here balance itself
 # refuses the group (67, LSB's 6), not the init script.
-printf '%s\nBALANCE_ARGS_ci_rr="--control-group -fx %s 127.0.0.1:%s"\n' "$good_conf" "$p1" "$b1" \
-    >/etc/default/balance
+ci_rr_args "--control-group -fx"
 value_is_not_flags() {
     local out rc=0
     out=$(timeout 60 service balance start 2>&1) || rc=$?
@@ -442,9 +448,7 @@ value_is_not_flags() {
         { echo "rc=$rc: $out"; return 1; }
 }
 check "a value starting with a dash (--control-group -fx) is balance's to judge" value_is_not_flags
-pids+=("$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)")
-service balance stop >/dev/null 2>&1 || true
-rm -rf /run/balance
+stop_the_rest
 printf 'BALANCE_INSTANCES="ci_rr"\nBALANCE_ARGS_ci_rr="-b 127.0.0.1 %s 127.0.0.1:%s"\n' \
     "$b1" "$b2" >/etc/default/balance
 check "a start that fails (port $b1 taken) is 1 and leaves no /run/balance" \

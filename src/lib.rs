@@ -29,13 +29,12 @@ pub mod table;
 pub mod worker;
 
 /// `eprintln!` that cannot panic: a line that stderr cannot take (closed, full) is lost, and
-/// the exit code still tells what happened.
+/// the exit code still tells what happened. One `write` per line ([`log::stderr_line`]).
 #[macro_export]
 macro_rules! say {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
+    ($($arg:tt)*) => {
+        $crate::log::stderr_line(format_args!($($arg)*))
+    };
 }
 
 /// Exit codes (sysexits.h), as the original used them.

@@ -226,15 +226,14 @@ impl Logger {
     }
 }
 
-/// A syslog daemon that stops reading must not stop balance: its datagram socket is made
-/// non-blocking (a full queue drops the line, which is then counted), and a stream socket
-/// gets a short send timeout (a non-blocking stream could leave half a line behind).
 /// Connects to the syslog socket at `path` as the `syslog` crate would (datagram, else
-/// stream), but never waits: a stream socket whose daemon stopped accepting has a full
-/// backlog, where a blocking connect would hold the supervisor (and with it every signal
-/// and worker restart) until the daemon woke up. Such a connect fails at once instead,
-/// like a missing socket. Sends never wait either: a datagram socket is non-blocking (a
-/// full queue drops the line), a stream one gives up after [`STREAM_SEND_TIMEOUT`].
+/// stream), but never waits: a syslog daemon that stops reading must not stop balance. A
+/// stream socket whose daemon stopped accepting has a full backlog, where a blocking
+/// connect would hold the supervisor (and with it every signal and worker restart); such a
+/// connect fails at once instead, like a missing socket. Sends never wait either: a
+/// datagram socket is non-blocking (a full queue drops the line, which is counted), a
+/// stream one gives up after [`STREAM_SEND_TIMEOUT`] (non-blocking, it could leave half a
+/// line behind).
 fn connect_without_waiting(path: &std::path::Path) -> std::io::Result<LoggerBackend> {
     use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
     use std::os::fd::AsRawFd;

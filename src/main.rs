@@ -38,8 +38,7 @@ fn main() -> ExitCode {
         Ok(Command::Proxy(args)) => match supervisor::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                // Empty when the launching process has told it already.
-                if !e.message.is_empty() {
+                if e.untold() {
                     say!("{e}");
                 }
                 ExitCode::from(e.code)

@@ -68,7 +68,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Fatal> {
         (Err(e), Some(pipe)) => {
             // The launching process tells the user; the daemon says nothing more.
             bootstrap::report(pipe, Err(&e));
-            Err(Fatal::new(e.code, ""))
+            Err(Fatal::told(e.code))
         }
         (result, _) => result,
     }
@@ -330,7 +330,7 @@ fn supervise(
             // is theirs; a pid file elsewhere may not be).
             sup.log(Priority::Warning, format!("cannot remove {left}"));
         }
-        if sup.pool.dead_slots.get() >= workers {
+        if sup.pool.dead_slots() >= workers {
             sup.log(
                 Priority::Critical,
                 "stopped: no worker could run".to_string(),
@@ -380,7 +380,7 @@ async fn wait_for_stop(
                 pool::retry_stale(sup);
             }
             () = sup.pool.changed.notified() => {
-                if sup.pool.dead_slots.get() >= sup.pool.size {
+                if sup.pool.dead_slots() >= sup.pool.size {
                     return "no worker could run";
                 }
             }

@@ -556,7 +556,8 @@ impl Table {
     }
 
     /// Runs `f` as the table's writer: under the robust lock and inside a seqlock write.
-    /// A previous writer that died mid-update is repaired first.
+    /// A write left unfinished (its writer died, or the count was set odd by hand) is
+    /// repaired first.
     pub fn update<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, TableError> {
         self.update_within(LOCK_TIMEOUT, f)
     }

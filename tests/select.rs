@@ -13,6 +13,12 @@ fn tags(b: &Balance, n: usize) -> Vec<String> {
     (0..n).map(|_| greeting(b.addr())).collect()
 }
 
+/// Whether channel `c` of group 0 is enabled in `b`'s table (None: no consistent copy).
+fn enabled(b: &Balance, c: usize) -> Option<bool> {
+    let (_f, t) = table(&b.table_path());
+    t.snapshot().map(|s| s.groups[0].channels[c].enabled)
+}
+
 #[test]
 fn round_robin_in_order() {
     if !require_root() {
@@ -387,9 +393,8 @@ fn a_backend_that_resets_at_once_made_a_connection() {
         "the place is still held"
     );
     assert_eq!(counters(&path, 0, 0).1, 1, "not counted as a connection");
-    let (_f, t) = table(&path);
     assert!(
-        t.snapshot().expect("snapshot").groups[0].channels[0].enabled,
+        enabled(&b, 0).expect("snapshot"),
         "-a disabled the channel; stderr:\n{}",
         b.stderr()
     );
@@ -424,13 +429,8 @@ fn autodisable_marks_a_failed_channel_disabled() {
     let b2 = Backend::start("B2", Behaviour::TagEcho);
     let b = Balance::start(&["-a"], &[b1.operand(), refused_operand(), b2.operand()]);
     assert_eq!(tags(&b, 2), ["B1", "B2"]);
-    let path = b.table_path();
     assert!(
-        wait_until(Duration::from_secs(5), || {
-            let (_f, t) = table(&path);
-            t.snapshot()
-                .is_some_and(|s| !s.groups[0].channels[1].enabled)
-        }),
+        wait_until(Duration::from_secs(5), || enabled(&b, 1) == Some(false)),
         "channel 1 disabled in the table"
     );
     // From now on the disabled channel is skipped: strict alternation of the live ones.
@@ -493,11 +493,7 @@ fn autodisable_does_not_wait_on_a_locked_table() {
     );
     // Once the lock is free, the request goes through.
     assert!(
-        wait_until(Duration::from_secs(5), || {
-            let (_f, t) = table(&path);
-            t.snapshot()
-                .is_some_and(|s| !s.groups[0].channels[0].enabled)
-        }),
+        wait_until(Duration::from_secs(5), || enabled(&b, 0) == Some(false)),
         "channel 0 not disabled; stderr:\n{}",
         b.stderr()
     );
@@ -537,13 +533,7 @@ fn autodisable_leaves_a_channel_reassigned_since_the_attempt() {
         "stderr:\n{}",
         b.stderr()
     );
-    let (_f, t) = table(&b.table_path());
-    let snap = t.snapshot().expect("snapshot");
-    assert!(
-        snap.groups[0].channels[0].enabled,
-        "stderr:\n{}",
-        b.stderr()
-    );
+    assert!(enabled(&b, 0).expect("snapshot"), "stderr:\n{}", b.stderr());
     assert_eq!(tags(&b, 2), ["B3", "B1"]);
 }
 
@@ -589,12 +579,7 @@ fn a_v4_mapped_source_address_is_taken_as_ipv4() {
     assert_eq!(tags(&b, 2), ["V6", "V4"]);
     let source: IpAddr = "127.0.0.2".parse().expect("address");
     assert_eq!(v4.peers().first().map(|p| p.ip()), Some(source));
-    let (_f, t) = table(&b.table_path());
-    assert!(
-        t.snapshot().expect("snapshot").groups[0].channels[0].enabled,
-        "{}",
-        b.stderr()
-    );
+    assert!(enabled(&b, 0).expect("snapshot"), "{}", b.stderr());
 }
 
 /// An IPv4 client of an IPv6 listener (`-6`) arrives as ::ffff:a.b.c.d; it is logged as the

@@ -369,6 +369,14 @@ impl Session<'_> {
         }
     }
 
+    /// An event about the whole instance (`kill`), not the group the shell is in.
+    fn instance_event(&self, cmd: &Command, old: &str, new: &str) -> AuditEvent {
+        AuditEvent {
+            group: None,
+            ..self.event(cmd, None, old, new)
+        }
+    }
+
     fn set_enabled(&self, n: i64, on: bool) -> Result<Reply, Failure> {
         let g = self.group;
         let was = self
@@ -475,10 +483,7 @@ impl Session<'_> {
     /// stuck writer delays the shutdown by the lock's timeout (then the record goes
     /// straight to syslog).
     fn kill(&self, cmd: &Command) -> Result<Reply, Failure> {
-        let mut event = self.event(cmd, None, "running", "shutting down");
-        // About the instance, not the group the shell is in.
-        event.group = None;
-        self.record(&event);
+        self.record(&self.instance_event(cmd, "running", "shutting down"));
         // The request is this shell's pid (never 0), so that withdrawing it below cannot
         // take back another shell's.
         let mine = std::process::id().max(1);
@@ -499,14 +504,11 @@ impl Session<'_> {
                         .compare_exchange(mine, 0, Ordering::AcqRel, Ordering::Relaxed)
                         .is_ok();
                     if withdrawn {
-                        let mut event = self.event(
+                        self.record(&self.instance_event(
                             cmd,
-                            None,
                             "shutting down",
                             "running (no shutdown within the wait: request withdrawn)",
-                        );
-                        event.group = None;
-                        self.record(&event);
+                        ));
                     }
                     return Err(Failure::ShutdownFailed);
                 }

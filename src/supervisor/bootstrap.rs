@@ -37,6 +37,17 @@ impl Fatal {
             message: message.into(),
         }
     }
+
+    /// An error the launching process has told the user already: only its exit code is
+    /// left to give (the message is empty).
+    pub fn told(code: u8) -> Fatal {
+        Fatal::new(code, "")
+    }
+
+    /// Whether the message is still to be told (see [`Fatal::told`]).
+    pub fn untold(&self) -> bool {
+        !self.message.is_empty()
+    }
 }
 
 impl std::fmt::Display for Fatal {
@@ -111,7 +122,7 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
     };
     let groups = resolve_groups(args)?;
     let source = match &args.source {
-        // ::ffff:a.b.c.d is the IPv4 address a.b.c.d.
+        // ::ffff:a.b.c.d is the IPv4 address a.b.c.d (workers rely on it being canonical).
         Some(host) => Some(resolve_host(host, 0)?.ip().to_canonical()),
         None => None,
     };

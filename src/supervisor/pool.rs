@@ -168,13 +168,11 @@ pub struct Pool {
     /// Pending replace requests, one per slot.
     requests: RefCell<Vec<Option<Answer>>>,
     replace: Vec<Notify>,
-    /// Slots given up after exhausting the crash budget (a reload starts them again).
-    pub dead_slots: Cell<usize>,
+    /// Per slot, whether it was given up after exhausting the crash budget (a reload
+    /// starts it again).
     given_up: RefCell<Vec<bool>>,
     /// The tasks of slots started again by a reload, awaited at shutdown like the first.
     pub revived: RefCell<Vec<JoinHandle<()>>>,
-    /// Workers this supervisor killed for misbehaving: their SIGKILL counts as a crash.
-    punished: RefCell<std::collections::HashSet<u32>>,
     /// A round of replacements is under way.
     reloading: Cell<bool>,
     /// Another was asked for meanwhile: the one under way goes round once more, over the
@@ -197,9 +195,7 @@ impl Pool {
             live: RefCell::new(HashMap::new()),
             requests: RefCell::new((0..size).map(|_| None).collect()),
             replace: (0..size).map(|_| Notify::new()).collect(),
-            dead_slots: Cell::new(0),
             given_up: RefCell::new(vec![false; size]),
-            punished: RefCell::new(std::collections::HashSet::new()),
             revived: RefCell::new(Vec::new()),
             reloading: Cell::new(false),
             reload_again: Cell::new(None),
@@ -236,6 +232,11 @@ impl Pool {
     /// worker still) leaves one free row for every other slot without a worker: a worker
     /// that died frees its row, and a reload's replacement must not take it from the
     /// slot that needs it to serve at all.
+    /// How many slots have been given up.
+    pub fn dead_slots(&self) -> usize {
+        self.given_up.borrow().iter().filter(|&&dead| dead).count()
+    }
+
     fn take_row(&self, slot: usize) -> Option<usize> {
         let versions = self.versions.borrow();
         let given_up = self.given_up.borrow();
@@ -284,8 +285,25 @@ impl Pool {
 struct Worker {
     pid: u32,
     channel: Rc<UnixDatagram>,
-    /// Completes with the exit status once the worker has been reaped and accounted for.
-    done: JoinHandle<std::io::Result<std::process::ExitStatus>>,
+    /// Completes once the worker has been reaped and accounted for.
+    done: JoinHandle<Exit>,
+}
+
+/// How a worker ended.
+struct Exit {
+    status: std::io::Result<std::process::ExitStatus>,
+    /// This supervisor killed it for misbehaving.
+    punished: bool,
+}
+
+impl Exit {
+    /// The outcome of a `done` handle (a watch task that panicked ended nothing cleanly).
+    fn of(done: Result<Exit, tokio::task::JoinError>) -> Exit {
+        done.unwrap_or_else(|e| Exit {
+            status: Err(std::io::Error::other(e)),
+            punished: false,
+        })
+    }
 }
 
 /// Keeps one slot filled until the supervisor stops. `first_ready` learns whether the slot's
@@ -305,7 +323,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                     let _ = tx.send(Ok(()));
                 }
                 publish_admitted(&sup);
-                let (status, since, pid) = serve_slot(&sup, slot, worker).await;
+                let (exit, since) = serve_slot(&sup, slot, worker).await;
                 // The uptime that counts is the dead worker's: a replacement started by a
                 // reload that dies at once is an early death.
                 started = since;
@@ -325,11 +343,11 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                 // A SIGKILL from outside (the OOM killer, an operator) is not a worker that
                 // cannot run: restarted with the backoff, but never given up. One from this
                 // supervisor, for misbehaving, is a crash like any other.
-                let punished = sup.pool.punished.borrow_mut().remove(&pid);
-                killed = !punished && matches!(&status, Ok(s) if s.signal() == Some(libc::SIGKILL));
+                killed = !exit.punished
+                    && matches!(&exit.status, Ok(s) if s.signal() == Some(libc::SIGKILL));
                 sup.log(
                     Priority::Error,
-                    format!("worker {slot} {}", describe_exit(status)),
+                    format!("worker {slot} {}", describe_exit(exit.status)),
                 );
             }
             Err(_) if sup.stopping.get() => return,
@@ -369,7 +387,6 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
             if let Some(tx) = first_ready.take() {
                 let _ = tx.send(Err(format!("worker {slot} keeps dying at start-up")));
             }
-            sup.pool.dead_slots.set(sup.pool.dead_slots.get() + 1);
             sup.pool.given_up.borrow_mut()[slot] = true;
             sup.pool.changed.notify_waiters();
             return;
@@ -386,19 +403,12 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
 }
 
 /// Waits for the slot's worker to die, replacing it whenever asked; returns the exit status
-/// of the worker that died, when it was launched, and its pid.
-async fn serve_slot(
-    sup: &Rc<Supervisor>,
-    slot: usize,
-    mut worker: Worker,
-) -> (std::io::Result<std::process::ExitStatus>, Instant, u32) {
+/// of the worker that died (and whether this supervisor killed it) and when it was launched.
+async fn serve_slot(sup: &Rc<Supervisor>, slot: usize, mut worker: Worker) -> (Exit, Instant) {
     let mut since = Instant::now();
     loop {
         tokio::select! {
-            status = &mut worker.done => {
-                let status = status.unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                return (status, since, worker.pid);
-            }
+            done = &mut worker.done => return (Exit::of(done), since),
             () = sup.pool.replace[slot].notified() => {
                 let answer = sup.pool.requests.borrow_mut()[slot].take();
                 let launched = Instant::now();
@@ -417,11 +427,10 @@ async fn serve_slot(
                                 let _ = ipc::send(&old.channel, &Message::Drain, &[]).await;
                                 publish_admitted(&sup2);
                             }
-                            let status = old.done.await;
+                            let status = Exit::of(old.done.await).status;
                             if sup2.stopping.get() {
                                 return;
                             }
-                            let status = status.unwrap_or_else(|e| Err(std::io::Error::other(e)));
                             let clean = matches!(&status, Ok(s) if s.success());
                             sup2.log(
                                 if clean { Priority::Info } else { Priority::Warning },
@@ -460,9 +469,6 @@ pub fn revive_given_up(sup: &Rc<Supervisor>) -> usize {
         .filter_map(|(slot, given_up)| std::mem::take(given_up).then_some(slot))
         .collect();
     for &slot in &slots {
-        sup.pool
-            .dead_slots
-            .set(sup.pool.dead_slots.get().saturating_sub(1));
         // Nobody waits for its first worker now: the start-up is long over.
         let (ready, _) = oneshot::channel();
         let task = tokio::task::spawn_local(run_slot(Rc::clone(sup), slot, ready));
@@ -724,12 +730,12 @@ async fn watch(
     mut child: tokio::process::Child,
     channel: Rc<UnixDatagram>,
     ready: oneshot::Sender<()>,
-) -> std::io::Result<std::process::ExitStatus> {
+) -> Exit {
     let pid = child.id().unwrap_or(0);
     let mut ready = Some(ready);
-    let status = loop {
+    let (status, punished) = loop {
         tokio::select! {
-            status = child.wait() => break status,
+            status = child.wait() => break (status, false),
             msg = ipc::recv(&channel) => match msg {
                 Ok((msg, fds)) => {
                     let fine = if fds.is_empty() {
@@ -739,17 +745,15 @@ async fn watch(
                         false
                     };
                     if !fine {
-                        sup.pool.punished.borrow_mut().insert(pid);
                         let _ = child.start_kill();
-                        break child.wait().await;
+                        break (child.wait().await, true);
                     }
                 }
-                Err(IpcError::Closed) => break child.wait().await,
+                Err(IpcError::Closed) => break (child.wait().await, false),
                 Err(e) => {
                     sup.log(Priority::Error, format!("worker {slot} sent a bad message ({e}); stopping it"));
-                    sup.pool.punished.borrow_mut().insert(pid);
                     let _ = child.start_kill();
-                    break child.wait().await;
+                    break (child.wait().await, true);
                 }
             },
         }
@@ -762,7 +766,7 @@ async fn watch(
     sup.pool.free_row(row);
     sup.pool.exits.set(sup.pool.exits.get() + 1);
     sup.pool.changed.notify_waiters();
-    status
+    Exit { status, punished }
 }
 
 /// Checks and applies one request from a worker. Returns false when the worker misbehaved.

@@ -685,7 +685,8 @@ impl Worker {
     /// One side of a relayed connection failed (true: the backend): the direction towards
     /// it is given up (what the survivor sends for it is dropped), and the other goes on
     /// until what the failed side sent is delivered (or the survivor takes nothing for
-    /// [`ABORT_STALL`]); the close then resets the survivor. False when the connection is closed instead: the survivor failed too.
+    /// [`ABORT_STALL`]); the close then resets the survivor. False when the connection is
+    /// closed instead: the survivor failed too.
     fn abort(&mut self, i: usize, backend: bool, error: io::Error) -> bool {
         let Some(Some(conn)) = self.conns.get_mut(i) else {
             return false;
@@ -889,11 +890,10 @@ fn start_connect(
     source: Option<IpAddr>,
 ) -> io::Result<(TcpStream, Option<Errno>)> {
     use nix::sys::socket::{socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    // An IPv4-mapped address (::ffff:a.b.c.d), channel or source, is the IPv4 address it
-    // maps: the source then goes with IPv4 channels, and is never bound to a socket for a
-    // real IPv6 channel, whose every connect it would fail.
+    // An IPv4-mapped channel (::ffff:a.b.c.d) is the IPv4 address it maps, as the source
+    // is (made canonical at start-up): the source then goes with it, and is never bound to
+    // a socket for a real IPv6 channel, whose every connect it would fail.
     let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-    let source = source.map(|s| s.to_canonical());
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
