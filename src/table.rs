@@ -644,6 +644,16 @@ impl Table {
         }
     }
 
+    /// The connections a worker's row counts, over all channels.
+    pub fn worker_connections(&self, worker: usize) -> u64 {
+        self.layout().worker_current.get(worker).map_or(0, |rows| {
+            rows.iter()
+                .flatten()
+                .map(|n| u64::from(n.load(Ordering::Relaxed)))
+                .sum()
+        })
+    }
+
     fn worker_slot(&self, worker: usize, g: usize, c: usize) -> Option<&AtomicU32> {
         self.layout().worker_current.get(worker)?.get(g)?.get(c)
     }

@@ -516,12 +516,13 @@ fn through_worker<T>(worker: u32, others: &[u32], connect: impl FnOnce() -> T) -
 }
 
 /// Draining workers can hold all 64 table rows when reloads come while long connections
-/// stay open. Then:
-/// - `create` on a new port says, after its bounded wait, that the workers do not admit it
-///   yet; the workers that could not be replaced for it are replaced as rows become free
-///   (the port used to be recorded as admitted anyway, and nothing retried);
-/// - a worker that dies gets its row back even when a reload comes at once (a reload's
-///   replacement used to take it).
+/// stay open. Then the worker that has drained longest is stopped to make room, its
+/// connections closed, and nothing waits on clients that may stay for hours:
+/// - a reload replaces every worker;
+/// - `create` on a new port is admitted at once (the workers that refused it used to wait
+///   until a draining worker's last client left, for ever without -T);
+/// - a worker that dies gets its row back even when a reload comes at once (the reload's
+///   replacement makes its own room).
 #[test]
 fn when_draining_workers_hold_every_table_row() {
     if !require_root() {
@@ -540,86 +541,105 @@ fn when_draining_workers_hold_every_table_row() {
             held.push(conn);
         }
     };
-    // Each round leaves both serving workers draining with one connection each: 31 rounds
-    // make 62 draining workers; the two serving ones hold a connection too.
-    let mut held = Vec::new();
-    for round in 1..=31 {
-        hold_on_each(&mut held);
+    let reloads = |n: usize| {
         signal(b.pid, Signal::SIGHUP);
         assert!(
             wait_until(Duration::from_secs(20), || b
                 .stderr()
                 .matches("all workers replaced")
                 .count()
-                == round),
-            "round {round}: {}",
+                == n),
+            "reload {n}: {}",
             b.stderr()
         );
+    };
+    let evicted = || b.stderr().matches("drained longest").count();
+    // Each round leaves both serving workers draining with one connection each: 31 rounds
+    // make 62 draining workers; the two serving ones hold a connection too.
+    let mut held = Vec::new();
+    for round in 1..=31 {
+        hold_on_each(&mut held);
+        reloads(round);
     }
     hold_on_each(&mut held);
     assert_eq!(b.workers().len(), 64, "{}", b.stderr());
+    assert_eq!(evicted(), 0, "{}", b.stderr());
 
-    // A channel on a new port: no worker can be replaced for it.
-    let before_create = b.stderr().len();
+    // Reload 32: each replacement stops the worker that has drained longest, the first
+    // round's two, whose clients see their connection end; the next round's are served.
+    reloads(32);
+    assert_eq!(evicted(), 2, "{}", b.stderr());
+    assert!(
+        b.logged("draining for ") && b.logged("1 connection left)"),
+        "{}",
+        b.stderr()
+    );
+    assert_eq!(b.workers().len(), 64, "{}", b.stderr());
+    let ended = |conn: &mut TcpStream| {
+        let mut buf = [0u8; 16];
+        matches!(conn.read(&mut buf), Ok(0) | Err(_))
+    };
+    for conn in &mut held[..2] {
+        assert!(ended(conn), "{}", b.stderr());
+    }
+    let echoed = |conn: &mut TcpStream| {
+        conn.write_all(b"still here\n").is_ok() && {
+            let mut buf = [0u8; 11];
+            conn.read_exact(&mut buf).is_ok() && &buf == b"still here\n"
+        }
+    };
+    assert!(echoed(&mut held[2]) && echoed(&mut held[3]));
+
+    // A channel on a new port: the two workers that refuse it are replaced at once, two
+    // more of the longest-draining ones stopped for them.
     let o = b.control(&format!("create {}", b2.operand()));
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "channel created\n");
-    assert!(
-        String::from_utf8_lossy(&o.stderr)
-            .contains(&format!("the workers do not admit port {} yet", b2.port())),
-        "{o:?}"
-    );
-    assert!(b.logged("2 of 2 workers still refuse a new channel port"));
-    let tried = &b.stderr()[before_create..];
-    assert_eq!(
-        tried.matches("cannot replace worker 0").count(),
-        1,
-        "one try until a worker exits: {tried}"
-    );
+    assert!(o.stderr.is_empty(), "{o:?}");
+    assert_eq!(evicted(), 4, "{}", b.stderr());
     for cmd in ["enable 1", "disable 0"] {
         assert!(b.control(cmd).status.success(), "{cmd}");
-    }
-    // Each connection that ends frees one row, and one more worker is replaced.
-    let created = b.stderr().len();
-    for slot in 0..2 {
-        drop(held.remove(0));
-        assert!(
-            wait_until(Duration::from_secs(10), || b.stderr()[created..]
-                .contains(&format!("worker {slot} started"))),
-            "{}",
-            &b.stderr()[created..]
-        );
     }
     let pids = serving(&b.stderr());
     for w in pids {
         let tag = through_worker(w, &pids, || greeting(b.addr()));
-        assert_eq!(tag, "B2", "worker {w}: {}", &b.stderr()[created..]);
+        assert_eq!(tag, "B2", "worker {w}: {}", b.stderr());
     }
 
-    // Slot 1's worker dies, and a reload comes right after: the row the dead worker freed
-    // stays slot 1's. (The reload's replacement for slot 0 used to take it, and slot 1
-    // then had no worker until a draining worker's clients left, for ever without -T.)
+    // The replaced workers had no connection and are gone: fill every row again.
     hold_on_each(&mut held);
-    assert_eq!(b.workers().len(), 64, "{}", b.stderr());
+    reloads(33);
+    assert!(
+        wait_until(Duration::from_secs(5), || b.workers().len() == 64),
+        "{}",
+        b.stderr()
+    );
+
+    // Slot 1's worker dies while every row is taken, and a reload comes right after: slot
+    // 1 gets a worker again at once, and the reload's replacement for slot 0 makes its own
+    // room instead of taking the row slot 1 needs.
     let killed = b.stderr().len();
+    let before = evicted();
     signal(serving(&b.stderr())[1], Signal::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !b.stderr()[killed..].contains("worker 1 killed by signal 9") {
         assert!(Instant::now() < deadline, "{}", b.stderr());
         std::thread::sleep(Duration::from_millis(2));
     }
-    signal(b.pid, Signal::SIGHUP);
+    reloads(34);
     assert!(
-        wait_until(Duration::from_secs(10), || b.stderr()[killed..]
-            .contains("worker 1 started")),
+        wait_until(Duration::from_secs(10), || {
+            let after = &b.stderr()[killed..];
+            after.contains("worker 1 started") && after.contains("worker 0 started")
+        }),
         "{}",
         &b.stderr()[killed..]
     );
-    assert!(b.logged("cannot replace worker 0"), "{}", b.stderr());
     std::thread::sleep(Duration::from_millis(500));
     let after = &b.stderr()[killed..];
-    assert!(!after.contains("waits for a table row"), "{after}");
+    assert_eq!(evicted(), before + 1, "{after}");
+    assert!(!after.contains("waits for a free table row"), "{after}");
+    assert!(!after.contains("cannot replace worker"), "{after}");
     assert!(!after.contains("not restarting"), "{after}");
-    assert_eq!(b.workers().len(), 64, "{after}");
     assert_eq!(greeting(b.addr()), "B2");
 }

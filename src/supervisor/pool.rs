@@ -9,8 +9,10 @@
 //! its connections, exit), so a reload drops no connection.
 //!
 //! A worker's table row is separate from its slot: a draining worker keeps its row until it
-//! exits, while its replacement counts in a fresh one. When draining workers hold every row,
-//! a slot waits for one to be freed; that is not a crash. Every request a worker sends is
+//! exits, while its replacement counts in a fresh one. When draining workers hold every row
+//! (long connections through many reloads), the one that has drained longest is stopped,
+//! connections and all, to make room: a reload, a new channel port or a dead worker's
+//! restart never waits on clients that may stay for hours. Every request a worker sends is
 //! checked before the supervisor acts on it; a worker that misbehaves is killed.
 //!
 //! Each slot knows which version of the channel port set its worker's sandbox admits. A
@@ -40,6 +42,9 @@ const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
 const CRASH_BUDGET: u32 = 5;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long the supervisor waits for a draining worker it stopped to make room (it is
+/// SIGKILLed, so only a stuck reap can take long).
+const EVICT_WAIT: Duration = Duration::from_secs(5);
 /// How long a new worker may take to report ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Replacing the workers that still refuse a channel port is tried again after this long,
@@ -70,8 +75,7 @@ impl std::fmt::Display for LaunchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LaunchError::NoRow => f.write_str(
-                "no table row is free (draining workers hold them, and the last ones are \
-                 kept for slots whose worker died)",
+                "no table row is free (the last ones are kept for slots whose worker died)",
             ),
             LaunchError::Stopping => f.write_str("stopping"),
             LaunchError::Failed(e) => f.write_str(e),
@@ -159,8 +163,18 @@ fn all_admit(versions: &[SlotPorts], current: u64) -> bool {
         .all(|v| v == current)
 }
 
+/// A worker told to drain, still alive.
+#[derive(Clone, Copy)]
+struct Draining {
+    pid: u32,
+    row: usize,
+    since: Instant,
+}
+
 pub struct Pool {
     pub size: usize,
+    /// Draining workers, the one that has drained longest first.
+    draining: RefCell<Vec<Draining>>,
     /// Table rows in use by live workers (draining ones included).
     rows: RefCell<[bool; MAX_WORKERS]>,
     /// Live (not yet reaped) worker pids and their channels.
@@ -191,6 +205,7 @@ impl Pool {
     pub fn new(size: usize) -> Pool {
         Pool {
             size,
+            draining: RefCell::new(Vec::new()),
             rows: RefCell::new([false; MAX_WORKERS]),
             live: RefCell::new(HashMap::new()),
             requests: RefCell::new((0..size).map(|_| None).collect()),
@@ -284,6 +299,7 @@ impl Pool {
 /// A running worker as its slot sees it.
 struct Worker {
     pid: u32,
+    row: usize,
     channel: Rc<UnixDatagram>,
     /// Completes once the worker has been reaped and accounted for.
     done: JoinHandle<Exit>,
@@ -359,7 +375,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                     sup.log(
                         Priority::Warning,
                         format!(
-                            "worker {slot} waits for a table row: draining workers hold all {MAX_WORKERS}"
+                            "worker {slot} waits for a free table row (all {MAX_WORKERS} are in use)"
                         ),
                     );
                 }
@@ -422,6 +438,14 @@ async fn serve_slot(sup: &Rc<Supervisor>, slot: usize, mut worker: Worker) -> (E
                         // this slot, which would meanwhile miss its new worker's death.
                         let queued = ipc::try_send(&old.channel, &Message::Drain).is_ok();
                         let (sup2, pid) = (Rc::clone(sup), old.pid);
+                        // (Unless it died while its replacement started: reaped already.)
+                        if sup.pool.live.borrow().contains_key(&pid) {
+                            sup.pool.draining.borrow_mut().push(Draining {
+                                pid,
+                                row: old.row,
+                                since: Instant::now(),
+                            });
+                        }
                         tokio::task::spawn_local(async move {
                             if !queued {
                                 let _ = ipc::send(&old.channel, &Message::Drain, &[]).await;
@@ -640,7 +664,10 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, LaunchError
 
 /// [`launch`] without the bookkeeping: a worker admitting `ports`.
 async fn start(sup: &Rc<Supervisor>, slot: usize, ports: Vec<u16>) -> Result<Worker, LaunchError> {
-    let row = sup.pool.take_row(slot).ok_or(LaunchError::NoRow)?;
+    let row = match sup.pool.take_row(slot) {
+        Some(row) => row,
+        None => make_room(sup, slot).await?,
+    };
     let (child, channel) = match spawn(sup, row, ports).await {
         Ok(started) => started,
         Err(e) => {
@@ -673,7 +700,12 @@ async fn start(sup: &Rc<Supervisor>, slot: usize, ports: Vec<u16>) -> Result<Wor
                 Priority::Info,
                 format!("worker {slot} started (pid {pid}, table row {row})"),
             );
-            Ok(Worker { pid, channel, done })
+            Ok(Worker {
+                pid,
+                row,
+                channel,
+                done,
+            })
         }
         _ => {
             sup.pool.kill_if_live(pid);
@@ -681,6 +713,54 @@ async fn start(sup: &Rc<Supervisor>, slot: usize, ports: Vec<u16>) -> Result<Wor
             Err(LaunchError::Failed(
                 "the worker did not become ready".to_string(),
             ))
+        }
+    }
+}
+
+/// No table row is free for a worker of `slot`: stops the draining workers that have
+/// drained longest, one at a time, until one is (each frees its row once reaped), and
+/// takes it. NoRow when no draining worker is left to stop.
+async fn make_room(sup: &Rc<Supervisor>, slot: usize) -> Result<usize, LaunchError> {
+    loop {
+        let Some(oldest) = sup.pool.draining.borrow().first().copied() else {
+            return Err(LaunchError::NoRow);
+        };
+        if sup.stopping.get() {
+            return Err(LaunchError::Stopping);
+        }
+        let left = sup.boot.table.worker_connections(oldest.row);
+        sup.log(
+            Priority::Warning,
+            format!(
+                "no table row is free for worker {slot}: stopping the worker that has drained \
+                 longest (pid {}, draining for {}s, {left} connection{} left)",
+                oldest.pid,
+                oldest.since.elapsed().as_secs(),
+                if left == 1 { "" } else { "s" }
+            ),
+        );
+        sup.pool.kill_if_live(oldest.pid);
+        let deadline = Instant::now() + EVICT_WAIT;
+        while sup.pool.live.borrow().contains_key(&oldest.pid) {
+            if Instant::now() >= deadline {
+                return Err(LaunchError::Failed(format!(
+                    "the draining worker {} did not exit",
+                    oldest.pid
+                )));
+            }
+            // `changed` wakes only those already waiting: look again now and then.
+            tokio::select! {
+                () = sup.pool.changed.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        // Reaped (`watch` forgets it then); gone already if the kill found it reaped.
+        sup.pool
+            .draining
+            .borrow_mut()
+            .retain(|d| d.pid != oldest.pid);
+        if let Some(row) = sup.pool.take_row(slot) {
+            return Ok(row);
         }
     }
 }
@@ -759,6 +839,7 @@ async fn watch(
         }
     };
     sup.pool.live.borrow_mut().remove(&pid);
+    sup.pool.draining.borrow_mut().retain(|d| d.pid != pid);
     // Connections whose wake-up went to this worker wait on the listeners: the others take
     // them now rather than its replacement after the backoff.
     sup.pool.nudge_others(pid);
