@@ -550,6 +550,22 @@ fn source_address_is_used_for_backend_connections() {
     assert_eq!(peers[0].ip(), "127.0.0.2".parse::<IpAddr>().expect("ip"));
 }
 
+/// `-B 0.0.0.0` (or `::`) is the system's choice of source, as without `-B`: the original
+/// bound to it, which chooses nothing (it was refused as an invalid address).
+#[test]
+fn an_unspecified_source_address_is_the_default_one() {
+    if !require_root() {
+        return;
+    }
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    for any in ["0.0.0.0", "::", "::ffff:0.0.0.0"] {
+        let b = Balance::start(&["-B", any], &[b1.operand()]);
+        assert_eq!(greeting(b.addr()), "B1", "-B {any}: {}", b.stderr());
+        let local: IpAddr = "127.0.0.1".parse().expect("ip");
+        assert_eq!(b1.peers().last().map(|p| p.ip()), Some(local), "-B {any}");
+    }
+}
+
 #[test]
 fn ipv6_backends_are_reached() {
     if !require_root() {

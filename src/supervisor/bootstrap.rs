@@ -122,8 +122,7 @@ pub fn prepare(args: &ProxyArgs) -> Result<Boot, Fatal> {
     };
     let groups = resolve_groups(args)?;
     let source = match &args.source {
-        // ::ffff:a.b.c.d is the IPv4 address a.b.c.d (workers rely on it being canonical).
-        Some(host) => Some(resolve_host(host, 0)?.ip().to_canonical()),
+        Some(host) => source_address(host)?,
         None => None,
     };
     let listen = &args.common.listen;
@@ -281,6 +280,19 @@ pub fn lookup_host(host: &str, port: u16) -> Option<SocketAddr> {
 fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, Fatal> {
     lookup_host(host, port)
         .ok_or_else(|| Fatal::new(EX_DATAERR, format!("unknown or invalid address [{host}]")))
+}
+
+/// The `-B` address, canonical (::ffff:a.b.c.d is the IPv4 address a.b.c.d: workers rely
+/// on it). An unspecified one (0.0.0.0, ::) is the system's choice, as without `-B`: the
+/// original bound to it, which chooses nothing.
+fn source_address(host: &str) -> Result<Option<IpAddr>, Fatal> {
+    if host
+        .parse::<IpAddr>()
+        .is_ok_and(|ip| ip.to_canonical().is_unspecified())
+    {
+        return Ok(None);
+    }
+    Ok(Some(resolve_host(host, 0)?.ip().to_canonical()))
 }
 
 /// The resolver's message (`gai_strerror`) without the standard library's preamble.
