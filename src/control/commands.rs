@@ -293,22 +293,30 @@ impl Session<'_> {
             Command::Enable(n) => self.set_enabled(n, true),
             Command::Disable(n) => self.set_enabled(n, false),
             Command::Reset(n) => {
-                let old = self
-                    .write(|w| w.reset_counters(g, index(n)?))?
+                let event = self
+                    .write(|w| {
+                        let (t, s, r) = w.reset_counters(g, index(n)?)?;
+                        let old = format!("totalc {t} sent {s} rcvd {r}");
+                        Some(recorded(w, self.event(cmd, Some(n), old, "0")))
+                    })?
                     .ok_or_else(|| rejected(format!("no such channel {n}")))?;
-                let (t, s, r) = old;
                 Ok(Reply::changed(
                     format!("channel {n} counters reset\n"),
-                    self.event(cmd, Some(n), format!("totalc {t} sent {s} rcvd {r}"), "0"),
+                    event,
                 ))
             }
             Command::Maxc { channel, maxc } => {
-                let old = self
-                    .write(|w| w.set_maxc(g, index(channel)?, maxc))?
+                let event = self
+                    .write(|w| {
+                        let old = w.set_maxc(g, index(channel)?, maxc)?;
+                        let event =
+                            self.event(cmd, Some(channel), old.to_string(), maxc.to_string());
+                        Some(recorded(w, event))
+                    })?
                     .ok_or_else(|| rejected("unknown channel"))?;
                 Ok(Reply::changed(
                     format!("maxc of channel {channel} changed to {maxc}\n"),
-                    self.event(cmd, Some(channel), old.to_string(), maxc.to_string()),
+                    event,
                 ))
             }
             Command::Hash => self.set_kind(cmd, GroupKind::Hash),
@@ -344,7 +352,9 @@ impl Session<'_> {
         self.table.snapshot().ok_or(Failure::Busy)
     }
 
-    /// Runs `f` as the table's writer, turning lock trouble into a [`Failure`].
+    /// Runs `f` as the table's writer, turning lock trouble into a [`Failure`]. A change
+    /// goes on record in the same update ([`recorded`]): a shell killed right after it
+    /// cannot leave it without its record.
     fn write<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, Failure> {
         self.table.update(f).map_err(|e| match e {
             TableError::Lock(LockError::Timeout { holder }) => Failure::Locked { holder },
@@ -379,37 +389,44 @@ impl Session<'_> {
 
     fn set_enabled(&self, n: i64, on: bool) -> Result<Reply, Failure> {
         let g = self.group;
-        let was = self
-            .write(|w| w.set_enabled(g, index(n)?, on))?
-            .ok_or_else(|| rejected(format!("no such channel {n}")))?;
         let word = if on { "enabled" } else { "disabled" };
-        if was == on {
-            return Ok(Reply::text(format!("channel {n} already {word}\n")));
-        }
         let cmd = if on {
             Command::Enable(n)
         } else {
             Command::Disable(n)
         };
         let old = if on { "disabled" } else { "enabled" };
-        Ok(Reply::changed(
-            format!("channel {n} {word}\n"),
-            self.event(&cmd, Some(n), old, word),
-        ))
+        let event = self.event(&cmd, Some(n), old, word);
+        let was = self
+            .write(|w| {
+                let was = w.set_enabled(g, index(n)?, on)?;
+                if was != on {
+                    w.append_audit(&event.to_string());
+                }
+                Some(was)
+            })?
+            .ok_or_else(|| rejected(format!("no such channel {n}")))?;
+        if was == on {
+            return Ok(Reply::text(format!("channel {n} already {word}\n")));
+        }
+        Ok(Reply::changed(format!("channel {n} {word}\n"), event))
     }
 
     fn set_kind(&self, cmd: &Command, kind: GroupKind) -> Result<Reply, Failure> {
         let g = self.group;
-        let old = self
-            .write(|w| w.set_kind(g, kind))?
-            .ok_or_else(|| rejected("value out of range"))?;
         let name = |k| match k {
             GroupKind::RoundRobin => "round robin",
             GroupKind::Hash => "hash",
         };
+        let event = self
+            .write(|w| {
+                let old = w.set_kind(g, kind)?;
+                Some(recorded(w, self.event(cmd, None, name(old), name(kind))))
+            })?
+            .ok_or_else(|| rejected("value out of range"))?;
         Ok(Reply::changed(
             format!("group {g} set to {}\n", name(kind)),
-            self.event(cmd, None, name(old), name(kind)),
+            event,
         ))
     }
 
@@ -418,11 +435,14 @@ impl Session<'_> {
     fn create(&self, cmd: &Command, host: &str, port: Option<&str>) -> Result<Reply, Failure> {
         let addr = resolve(host, port, &self.services).map_err(rejected)?;
         let g = self.group;
-        let c = self
-            .write(|w| w.create_channel(g, addr))?
+        let event = self
+            .write(|w| {
+                let c = w.create_channel(g, addr)?;
+                let mut event = self.event(cmd, None, "-", addr.to_string());
+                event.channel = Some(c);
+                Some(recorded(w, event))
+            })?
             .ok_or_else(|| rejected("no channel slots available"))?;
-        let mut event = self.event(cmd, None, "-", addr.to_string());
-        event.channel = Some(c);
         Ok(Reply::changed("channel created\n", event).awaiting(addr.port()))
     }
 
@@ -441,25 +461,20 @@ impl Session<'_> {
             return Err(rejected("unknown channel"));
         }
         let addr = resolve(host, port, &self.services).map_err(rejected)?;
-        let old = self.write(|w| {
+        let event = self.write(|w| {
             let c = index(n).ok_or("unknown channel")?;
             match w.config(g, c) {
                 None => Err("unknown channel"),
                 Some(ch) if ch.enabled => Err("channel must be disabled to assign new address"),
-                Some(_) => Ok(w.assign(g, c, addr).flatten()),
+                Some(_) => {
+                    let old = w.assign(g, c, addr).flatten();
+                    let old = old.map_or_else(|| "-".to_string(), |a| a.to_string());
+                    Ok(recorded(w, self.event(cmd, Some(n), old, addr.to_string())))
+                }
             }
         })?;
-        let old = old.map_err(rejected)?;
-        Ok(Reply::changed(
-            "channel reassigned\n",
-            self.event(
-                cmd,
-                Some(n),
-                old.map_or_else(|| "-".to_string(), |a| a.to_string()),
-                addr.to_string(),
-            ),
-        )
-        .awaiting(addr.port()))
+        let event = event.map_err(rejected)?;
+        Ok(Reply::changed("channel reassigned\n", event).awaiting(addr.port()))
     }
 
     /// Checks `mrtg-*` arguments against the named group (the original checked the channel
@@ -527,4 +542,13 @@ impl Session<'_> {
 /// A channel number as an index, or None when negative.
 fn index(n: i64) -> Option<usize> {
     usize::try_from(n).ok()
+}
+
+/// Puts `event` on record in the table's audit ring, within the update that made the
+/// change: the supervisor (owner of the daemon's syslog connection) logs it within 200 ms,
+/// so that the record depends neither on this shell reaching syslog nor on it living past
+/// the change.
+fn recorded(w: &Writer<'_>, event: AuditEvent) -> AuditEvent {
+    w.append_audit(&event.to_string());
+    event
 }

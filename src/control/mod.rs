@@ -428,11 +428,9 @@ impl Session<'_> {
     }
 
     fn emit(&self, reply: &Reply, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<()> {
-        if let Some(event) = &reply.audit {
-            self.record(event);
-            if self.debug {
-                writeln!(err, "audit: {event}")?;
-            }
+        // The change was put on record with it (see `recorded`).
+        if let (Some(event), true) = (&reply.audit, self.debug) {
+            writeln!(err, "audit: {event}")?;
         }
         let admitted = reply.port.map(|port| (port, self.await_admitted(port)));
         out.write_all(reply.text.as_bytes())?;

@@ -311,6 +311,58 @@ fn enable_disable_maxc_reset_messages() {
     assert_eq!(rejected(&mut s, "reset 3"), "no such channel 3\n");
 }
 
+/// Every change is put on record in the update that makes it (one update: the table's
+/// generation moves by one), so that a shell killed right after a change cannot leave it
+/// unrecorded; a command that changes nothing records nothing.
+#[test]
+fn each_change_is_recorded_in_the_update_that_makes_it() {
+    let f = three_channels("recorded", true);
+    let mut s = session(&f);
+    let generation = || f.table.header().generation.load(Ordering::Relaxed);
+    let mut next = f.table.audit_next();
+    for (line, what) in [
+        (
+            "disable 1",
+            "disable group 0 channel 1: enabled -> disabled",
+        ),
+        ("enable 1", "enable group 0 channel 1: disabled -> enabled"),
+        ("maxc 1 5", "maxc group 0 channel 1: 0 -> 5"),
+        (
+            "reset 2",
+            "reset group 0 channel 2: totalc 0 sent 0 rcvd 0 -> 0",
+        ),
+        ("hash", "hash group 0: round robin -> hash"),
+        (
+            "disable 0",
+            "disable group 0 channel 0: enabled -> disabled",
+        ),
+        (
+            "assign 0 127.0.0.1 21009",
+            "assign group 0 channel 0: 127.0.0.1:21001 -> 127.0.0.1:21009",
+        ),
+        (
+            "create 127.0.0.1 21004",
+            "create group 0 channel 3: - -> 127.0.0.1:21004",
+        ),
+    ] {
+        let before = generation();
+        let reply = s.run_line(line).unwrap_or_else(|e| panic!("{line}: {e:?}"));
+        assert_eq!(generation(), before.wrapping_add(1), "{line}: one update");
+        let batch = f.table.read_audit(next);
+        assert_eq!(batch.lines.len(), 1, "{line}: {:?}", batch.lines);
+        assert!(batch.lines[0].ends_with(what), "{line}: {:?}", batch.lines);
+        assert_eq!(
+            Some(batch.lines[0].clone()),
+            reply.audit.map(|e| e.to_string())
+        );
+        next = batch.next;
+    }
+    for line in ["disable 0", "maxc 9 1", "show"] {
+        let _ = s.run_line(line);
+        assert!(f.table.read_audit(next).lines.is_empty(), "{line}");
+    }
+}
+
 #[test]
 fn groups_create_assign_and_kind() {
     let f = three_channels("create", true);
