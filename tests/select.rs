@@ -558,7 +558,7 @@ fn an_unspecified_source_address_is_the_default_one() {
         return;
     }
     let b1 = Backend::start("B1", Behaviour::TagEcho);
-    for any in ["0.0.0.0", "::", "::ffff:0.0.0.0"] {
+    for any in ["0.0.0.0", "::", "::ffff:0.0.0.0", "0"] {
         let b = Balance::start(&["-B", any], &[b1.operand()]);
         assert_eq!(greeting(b.addr()), "B1", "-B {any}: {}", b.stderr());
         let local: IpAddr = "127.0.0.1".parse().expect("ip");

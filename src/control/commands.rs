@@ -370,7 +370,7 @@ impl Session<'_> {
         new: impl Into<String>,
     ) -> AuditEvent {
         AuditEvent {
-            uid: nix::unistd::getuid().as_raw(),
+            who: self.who.clone(),
             command: cmd.name(),
             group: Some(self.group),
             channel: channel.and_then(index),

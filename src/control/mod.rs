@@ -54,8 +54,10 @@ use crate::exitcode::{EX_IOERR, EX_NOPERM, EX_TEMPFAIL};
 /// ring, which the supervisor logs (and prints it on stderr with `-d`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEvent {
-    /// Real uid of the user who ran the shell.
-    pub uid: u32,
+    /// Who ran the shell (see [`caller`]), looked up when the session started: the user
+    /// name lookup (NSS: perhaps LDAP) never runs under the table's lock, where the
+    /// record is written.
+    pub who: String,
     /// Full command name (`disable`, not `d`).
     pub command: &'static str,
     /// None for a command on the whole instance (`kill`).
@@ -68,17 +70,7 @@ pub struct AuditEvent {
 
 impl std::fmt::Display for AuditEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
-            .ok()
-            .flatten()
-            .map_or_else(|| "?".to_string(), |u| u.name);
-        write!(
-            f,
-            "uid {} ({name}) pid {}: {}",
-            self.uid,
-            std::process::id(),
-            self.command,
-        )?;
+        write!(f, "{}: {}", self.who, self.command)?;
         if let Some(g) = self.group {
             write!(f, " group {g}")?;
         }
@@ -247,6 +239,7 @@ pub fn run(args: ShellArgs) -> ExitCode {
         debug: args.common.debug,
         services: Services::system(),
         logger,
+        who: caller(),
     };
     let (stdout, stderr) = (io::stdout(), io::stderr());
     let (mut out, mut err) = (stdout.lock(), stderr.lock());
@@ -343,6 +336,8 @@ struct Session<'a> {
     services: Services,
     /// The audit trail (LOG_AUTHPRIV).
     logger: RefCell<Logger>,
+    /// Who runs this shell ([`caller`]), for the records of its changes.
+    who: String,
 }
 
 /// Who is running this shell, for the audit trail: real uid, user name, pid.

@@ -76,6 +76,7 @@ fn session(f: &Fixture) -> Session<'_> {
         logger: std::cell::RefCell::new(crate::log::Logger::for_shell(Some(
             std::path::PathBuf::from("/nonexistent/balance-test-log"),
         ))),
+        who: caller(),
     }
 }
 

@@ -286,13 +286,23 @@ fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, Fatal> {
 /// on it). An unspecified one (0.0.0.0, ::) is the system's choice, as without `-B`: the
 /// original bound to it, which chooses nothing.
 fn source_address(host: &str) -> Result<Option<IpAddr>, Fatal> {
-    if host
-        .parse::<IpAddr>()
-        .is_ok_and(|ip| ip.to_canonical().is_unspecified())
-    {
-        return Ok(None);
+    let ip = match host.parse::<IpAddr>() {
+        Ok(ip) => Some(ip),
+        // The resolver also takes the short forms (`0`, `127.1`).
+        Err(_) => (host, 0)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .map(|a| a.ip()),
+    };
+    match ip.map(|ip| ip.to_canonical()) {
+        Some(ip) if ip.is_unspecified() => Ok(None),
+        Some(ip) if crate::table::is_channel_address(ip) => Ok(Some(ip)),
+        _ => Err(Fatal::new(
+            EX_DATAERR,
+            format!("unknown or invalid address [{host}]"),
+        )),
     }
-    Ok(Some(resolve_host(host, 0)?.ip().to_canonical()))
 }
 
 /// The resolver's message (`gai_strerror`) without the standard library's preamble.

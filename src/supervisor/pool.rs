@@ -10,13 +10,17 @@
 //!
 //! A worker's table row is separate from its slot: a draining worker keeps its row until it
 //! exits, while its replacement counts in a fresh one. When draining workers hold every row
-//! (long connections through many reloads), the one that has drained longest is stopped,
-//! connections and all, to make room: a reload, a new channel port or a dead worker's
-//! restart never waits on clients that may stay for hours. Every request a worker sends is
-//! checked before the supervisor acts on it; a worker that misbehaves is killed.
+//! (long connections through many reloads: fewer, the more workers there are), a reload
+//! leaves the workers it cannot replace serving, as they are, rather than cut connections
+//! (it changes nothing they need: the command line is kept). A worker that must be replaced
+//! to serve at all (its slot has none) or to admit a new channel port (whose channel fails
+//! until it is) does not wait on clients that may stay for hours: the draining worker that
+//! has drained longest is stopped, connections and all, to make room. Every request a
+//! worker sends is checked before the supervisor acts on it; a worker that misbehaves is
+//! killed.
 //!
 //! Each slot knows which version of the channel port set its worker's sandbox admits. A
-//! worker that predates a new port is replaced; one that could not be (no free row, say) is
+//! worker that predates a new port is replaced; one that could not be (it failed to start, say) is
 //! retried when a worker exits, and the table's admitted-ports bitmap is updated once every
 //! serving worker admits every port.
 
@@ -64,7 +68,8 @@ pub enum Scope {
 
 /// Why no worker could be started.
 enum LaunchError {
-    /// Draining workers hold every table row; one frees its row when it exits.
+    /// Draining workers hold every table row (and none was to be stopped for this one); one
+    /// frees its row when it exits.
     NoRow,
     /// The pool is being stopped.
     Stopping,
@@ -75,7 +80,8 @@ impl std::fmt::Display for LaunchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LaunchError::NoRow => f.write_str(
-                "no table row is free (the last ones are kept for slots whose worker died)",
+                "no table row is free (draining workers hold them, and the last ones are \
+                 kept for slots whose worker died)",
             ),
             LaunchError::Stopping => f.write_str("stopping"),
             LaunchError::Failed(e) => f.write_str(e),
@@ -179,8 +185,8 @@ pub struct Pool {
     rows: RefCell<[bool; MAX_WORKERS]>,
     /// Live (not yet reaped) worker pids and their channels.
     live: RefCell<HashMap<u32, Rc<UnixDatagram>>>,
-    /// Pending replace requests, one per slot.
-    requests: RefCell<Vec<Option<Answer>>>,
+    /// Pending replace requests, one per slot, and the round's scope.
+    requests: RefCell<Vec<Option<(Answer, Scope)>>>,
     replace: Vec<Notify>,
     /// Per slot, whether it was given up after exhausting the crash budget (a reload
     /// starts it again).
@@ -332,7 +338,8 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
     while !sup.stopping.get() {
         let mut started = Instant::now();
         let mut killed = false;
-        match launch(&sup, slot).await {
+        // A slot without a worker serves nothing: it makes room if it must.
+        match launch(&sup, slot, true).await {
             Ok(worker) => {
                 waiting_for_row = false;
                 if let Some(tx) = first_ready.take() {
@@ -345,7 +352,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                 started = since;
                 sup.pool.versions.borrow_mut()[slot].serving = None;
                 // A replacement asked for meanwhile is done: the slot starts a fresh worker.
-                if let Some(answer) = sup.pool.requests.borrow_mut()[slot].take() {
+                if let Some((answer, _)) = sup.pool.requests.borrow_mut()[slot].take() {
                     let _ = answer.send(Ok(()));
                 }
                 // Consume the wake-up that came with it, so that it does not replace the
@@ -368,8 +375,8 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
             }
             Err(_) if sup.stopping.get() => return,
             Err(LaunchError::NoRow) => {
-                // Not the worker's fault, and no backoff helps: a draining worker frees its
-                // row when its last connection ends.
+                // Not the worker's fault, and no backoff helps: a row frees when a worker
+                // exits.
                 if !waiting_for_row {
                     waiting_for_row = true;
                     sup.log(
@@ -426,9 +433,13 @@ async fn serve_slot(sup: &Rc<Supervisor>, slot: usize, mut worker: Worker) -> (E
         tokio::select! {
             done = &mut worker.done => return (Exit::of(done), since),
             () = sup.pool.replace[slot].notified() => {
-                let answer = sup.pool.requests.borrow_mut()[slot].take();
+                let request = sup.pool.requests.borrow_mut()[slot].take();
+                // A reload does not stop draining workers for room; a worker that refuses a
+                // new channel port does (its channel fails until it is replaced).
+                let make_room = matches!(request, Some((_, Scope::Stale)));
+                let answer = request.map(|(answer, _)| answer);
                 let launched = Instant::now();
-                let result = match launch(sup, slot).await {
+                let result = match launch(sup, slot, make_room).await {
                     Ok(new) => {
                         since = launched;
                         let old = std::mem::replace(&mut worker, new);
@@ -438,17 +449,13 @@ async fn serve_slot(sup: &Rc<Supervisor>, slot: usize, mut worker: Worker) -> (E
                         // this slot, which would meanwhile miss its new worker's death.
                         let queued = ipc::try_send(&old.channel, &Message::Drain).is_ok();
                         let (sup2, pid) = (Rc::clone(sup), old.pid);
-                        // (Unless it died while its replacement started: reaped already.)
-                        if sup.pool.live.borrow().contains_key(&pid) {
-                            sup.pool.draining.borrow_mut().push(Draining {
-                                pid,
-                                row: old.row,
-                                since: Instant::now(),
-                            });
+                        if queued {
+                            draining(sup, &old);
                         }
                         tokio::task::spawn_local(async move {
                             if !queued {
                                 let _ = ipc::send(&old.channel, &Message::Drain, &[]).await;
+                                draining(&sup2, &old);
                                 publish_admitted(&sup2);
                             }
                             let status = Exit::of(old.done.await).status;
@@ -478,6 +485,18 @@ async fn serve_slot(sup: &Rc<Supervisor>, slot: usize, mut worker: Worker) -> (E
                 }
             }
         }
+    }
+}
+
+/// Counts a worker told to drain among the draining ones (those that may be stopped to make
+/// room: they accept no more), unless it has been reaped meanwhile.
+fn draining(sup: &Supervisor, old: &Worker) {
+    if !old.done.is_finished() {
+        sup.pool.draining.borrow_mut().push(Draining {
+            pid: old.pid,
+            row: old.row,
+            since: Instant::now(),
+        });
     }
 }
 
@@ -606,7 +625,7 @@ async fn replace_each(sup: &Rc<Supervisor>, scope: Scope) -> Option<(usize, usiz
         }
         asked += 1;
         let (tx, rx) = oneshot::channel();
-        sup.pool.requests.borrow_mut()[slot] = Some(tx);
+        sup.pool.requests.borrow_mut()[slot] = Some((tx, scope));
         sup.pool.replace[slot].notify_one();
         let outcome = tokio::time::timeout(READY_TIMEOUT * 2, rx).await;
         if sup.stopping.get() {
@@ -645,11 +664,11 @@ async fn replace_each(sup: &Rc<Supervisor>, scope: Scope) -> Option<(usize, usiz
 /// Starts a worker for `slot` and waits until it reports ready; it is then the slot's
 /// serving worker. The caller publishes the admitted ports once the worker it replaces, if
 /// any, is draining.
-async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, LaunchError> {
+async fn launch(sup: &Rc<Supervisor>, slot: usize, make_room: bool) -> Result<Worker, LaunchError> {
     let version = sup.ports_version.get();
     let ports: Vec<u16> = sup.ports.borrow().iter().copied().collect();
     sup.pool.versions.borrow_mut()[slot].starting = Some(version);
-    let result = start(sup, slot, ports).await;
+    let result = start(sup, slot, ports, make_room).await;
     let mut versions = sup.pool.versions.borrow_mut();
     versions[slot].starting = None;
     if result.is_ok() {
@@ -663,10 +682,17 @@ async fn launch(sup: &Rc<Supervisor>, slot: usize) -> Result<Worker, LaunchError
 }
 
 /// [`launch`] without the bookkeeping: a worker admitting `ports`.
-async fn start(sup: &Rc<Supervisor>, slot: usize, ports: Vec<u16>) -> Result<Worker, LaunchError> {
+/// `may_make_room`: stop draining workers if no row is free (see [`make_room`]).
+async fn start(
+    sup: &Rc<Supervisor>,
+    slot: usize,
+    ports: Vec<u16>,
+    may_make_room: bool,
+) -> Result<Worker, LaunchError> {
     let row = match sup.pool.take_row(slot) {
         Some(row) => row,
-        None => make_room(sup, slot).await?,
+        None if may_make_room => make_room(sup, slot).await?,
+        None => return Err(LaunchError::NoRow),
     };
     let (child, channel) = match spawn(sup, row, ports).await {
         Ok(started) => started,
@@ -740,13 +766,23 @@ async fn make_room(sup: &Rc<Supervisor>, slot: usize) -> Result<usize, LaunchErr
             ),
         );
         sup.pool.kill_if_live(oldest.pid);
+        // Reaped, `watch` forgets it; one that is not (stuck in the kernel) is not waited
+        // for again: the next one is stopped instead.
+        sup.pool
+            .draining
+            .borrow_mut()
+            .retain(|d| d.pid != oldest.pid);
         let deadline = Instant::now() + EVICT_WAIT;
         while sup.pool.live.borrow().contains_key(&oldest.pid) {
             if Instant::now() >= deadline {
-                return Err(LaunchError::Failed(format!(
-                    "the draining worker {} did not exit",
-                    oldest.pid
-                )));
+                sup.log(
+                    Priority::Error,
+                    format!(
+                        "the draining worker {} did not exit when killed",
+                        oldest.pid
+                    ),
+                );
+                break;
             }
             // `changed` wakes only those already waiting: look again now and then.
             tokio::select! {
@@ -754,11 +790,9 @@ async fn make_room(sup: &Rc<Supervisor>, slot: usize) -> Result<usize, LaunchErr
                 () = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
-        // Reaped (`watch` forgets it then); gone already if the kill found it reaped.
-        sup.pool
-            .draining
-            .borrow_mut()
-            .retain(|d| d.pid != oldest.pid);
+        if sup.stopping.get() {
+            return Err(LaunchError::Stopping);
+        }
         if let Some(row) = sup.pool.take_row(slot) {
             return Ok(row);
         }
