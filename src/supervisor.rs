@@ -50,6 +50,7 @@ pub fn run(args: ProxyArgs) -> Result<(), Fatal> {
     // signal that comes during start-up then waits for them instead of killing the process
     // half started (table and pid file left behind). The launcher unblocks them again.
     stop_signals(SigmaskHow::SIG_BLOCK);
+    let _ = crate::sys::ignore_liveness_probe();
     let boot = bootstrap::prepare(&args)?;
     let launcher = if args.foreground {
         None

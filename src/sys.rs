@@ -338,6 +338,16 @@ pub fn default_fault_handlers() -> io::Result<()> {
     Ok(())
 }
 
+/// Ignores SIGUSR1, which the original's shell sent its master as a liveness probe (its
+/// handler did nothing): monitoring that still probes that way must not stop balance. The
+/// workers inherit the disposition through fork and exec.
+pub fn ignore_liveness_probe() -> io::Result<()> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_IGN runs no code of ours, so no handler can observe a half-updated state.
+    unsafe { signal(Signal::SIGUSR1, SigHandler::SigIgn) }?;
+    Ok(())
+}
+
 /// Bytes written on a TCP socket that its peer has not acknowledged yet (SIOCOUTQ).
 pub fn unacknowledged(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;

@@ -699,6 +699,28 @@ fn sigterm_in_the_foreground_removes_the_table_and_exits_zero() {
     }
 }
 
+/// SIGUSR1 was the original shell's liveness probe of its master, whose handler did
+/// nothing: monitoring that still probes that way must not stop balance (it killed the
+/// supervisor, and with it the service).
+#[test]
+fn sigusr1_is_ignored_as_the_original_did() {
+    if !require_root() {
+        return;
+    }
+    let backend = Backend::start("B1", Behaviour::TagEcho);
+    let b = Balance::start(&[], &[backend.operand()]);
+    let workers = b.workers();
+    signal(b.pid, nix::sys::signal::Signal::SIGUSR1);
+    for &w in &workers {
+        signal(w, nix::sys::signal::Signal::SIGUSR1);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!is_dead(b.pid), "{}", b.stderr());
+    assert_eq!(b.workers(), workers, "{}", b.stderr());
+    assert_eq!(greeting(b.addr()), "B1");
+    assert!(b.control("show").status.success());
+}
+
 fn stops_cleanly(backend: &Backend) {
     let mut b = Balance::start(&[], &[backend.operand()]);
     let workers = b.workers();

@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -564,6 +565,52 @@ fn an_unspecified_source_address_is_the_default_one() {
         let local: IpAddr = "127.0.0.1".parse().expect("ip");
         assert_eq!(b1.peers().last().map(|p| p.ip()), Some(local), "-B {any}");
     }
+}
+
+/// A channel named by a host with both an IPv6 and an IPv4 address (stock Debian's
+/// `localhost` has ::1 too, listed first) is its IPv4 address, as the original's IPv4-only
+/// resolver took it: a backend that listens on IPv4 only kept working. A name with an IPv6
+/// address only is an IPv6 channel. The names are given to `create` by a control shell
+/// that runs with its own /etc/hosts (a private mount namespace).
+#[test]
+fn a_name_with_both_families_is_its_ipv4_address() {
+    if !require_root() {
+        return;
+    }
+    let b = Balance::start(&[], &[]);
+    let dir = temp_dir("hosts");
+    let hosts = dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        "::1 dual.test v6only.test\n127.0.0.1 dual.test\n127.0.0.1 localhost\n",
+    )
+    .expect("hosts file");
+    for (name, port) in [("dual.test", "8080"), ("v6only.test", "8081")] {
+        let o = Command::new("unshare")
+            .args(["-m", "sh", "-c"])
+            .arg(r#"mount --bind "$1" /etc/hosts && exec "$2" --run-dir "$3" -b "$4" -c "$5" "$6""#)
+            .arg("sh")
+            .arg(&hosts)
+            .arg(BIN)
+            .arg(&b.run_dir)
+            .arg(&b.bind)
+            .arg(format!("create {name} {port}"))
+            .arg(b.port.to_string())
+            .output_within(COMMAND_LIMIT)
+            .expect("run the shell");
+        assert!(o.status.success(), "{name}: {o:?}");
+    }
+    let (_f, t) = table(&b.table_path());
+    let snap = t.snapshot().expect("snapshot");
+    let addrs: Vec<Option<std::net::SocketAddr>> =
+        snap.groups[0].channels.iter().map(|c| c.addr).collect();
+    assert_eq!(
+        addrs,
+        [
+            Some("127.0.0.1:8080".parse().expect("addr")),
+            Some("[::1]:8081".parse().expect("addr"))
+        ]
+    );
 }
 
 #[test]

@@ -412,8 +412,8 @@ fn a_reload_starts_a_given_up_slot_again() {
     }
     let backend = Backend::start("B1", Behaviour::TagEcho);
     let b = Balance::start(&[], &[backend.operand()]);
-    // SIGUSR1's default action ends a worker: a death that counts.
-    kill_a_worker_repeatedly(&b, Signal::SIGUSR1, 5);
+    // SIGUSR2's default action ends a worker: a death that counts.
+    kill_a_worker_repeatedly(&b, Signal::SIGUSR2, 5);
     assert!(b.logged("not restarting it"), "{}", b.stderr());
     assert_eq!(b.workers().len(), 1);
     signal(b.pid, Signal::SIGHUP);

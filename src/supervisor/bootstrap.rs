@@ -266,13 +266,19 @@ fn resolve_channel(spec: &ChannelSpec) -> Result<SocketAddr, Fatal> {
     })
 }
 
-/// Resolves a host name or literal (IPv4, IPv6, or the classic inet_aton forms) to its first
-/// address, if that is one a channel can have. Used only where resolving is allowed: the
-/// bootstrap and the control shell.
+/// Resolves a host name or literal (IPv4, IPv6, or the classic inet_aton forms) to an
+/// address, if it is one a channel can have. A name with addresses of both families is its
+/// first IPv4 one, as the original (an IPv4-only resolver) took it, whatever the resolver
+/// puts first (stock Debian's `localhost` is ::1 too, and a backend listening on IPv4 only
+/// must keep working); a name with IPv6 addresses only is the first of those. Used only
+/// where resolving is allowed: the bootstrap and the control shell.
 pub fn lookup_host(host: &str, port: u16) -> Option<SocketAddr> {
     let addr = match host.parse::<IpAddr>() {
         Ok(ip) => SocketAddr::new(ip, port),
-        Err(_) => (host, port).to_socket_addrs().ok()?.next()?,
+        Err(_) => {
+            let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs().ok()?.collect();
+            *addrs.iter().find(|a| a.is_ipv4()).or(addrs.first())?
+        }
     };
     crate::table::is_channel_address(addr.ip()).then_some(addr)
 }
@@ -288,12 +294,16 @@ fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, Fatal> {
 fn source_address(host: &str) -> Result<Option<IpAddr>, Fatal> {
     let ip = match host.parse::<IpAddr>() {
         Ok(ip) => Some(ip),
-        // The resolver also takes the short forms (`0`, `127.1`).
-        Err(_) => (host, 0)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut addrs| addrs.next())
-            .map(|a| a.ip()),
+        // The resolver also takes the short forms (`0`, `127.1`). A name is its IPv4
+        // address if it has one, as for channels (see `lookup_host`).
+        Err(_) => (host, 0).to_socket_addrs().ok().and_then(|addrs| {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            addrs
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(addrs.first())
+                .map(|a| a.ip())
+        }),
     };
     match ip.map(|ip| ip.to_canonical()) {
         Some(ip) if ip.is_unspecified() => Ok(None),
