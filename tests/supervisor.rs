@@ -634,4 +634,46 @@ fn when_draining_workers_hold_every_table_row() {
     assert_eq!(evicted(), 2, "{after}");
     assert_eq!(b.workers().len(), 64, "{after}");
     assert_eq!(greeting(b.addr()), "B2");
+
+    // Slot 1 is given up (five early deaths), and a replacement for a new port takes the
+    // row it left; a reload then starts slot 1 again with every row taken: it waits for
+    // a row, and the reload cuts nothing.
+    let given_up = b.stderr().len();
+    for round in 0..5 {
+        let victim = serving(&b.stderr())[1];
+        let starts = b.stderr().matches("worker 1 started").count();
+        signal(victim, Signal::SIGUSR2);
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let log = b.stderr();
+                log.matches("worker 1 started").count() > starts
+                    || log[given_up..].contains("not restarting")
+            }),
+            "round {round}: {}",
+            &b.stderr()[given_up..]
+        );
+    }
+    assert!(b.logged("worker 1 died 5 times in a row"), "{}", b.stderr());
+    held.push(hold(b.addr()).0);
+    let b3 = Backend::start("B3", Behaviour::TagEcho);
+    let o = b.control(&format!("create {}", b3.operand()));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "channel created\n",
+        "{o:?}"
+    );
+    assert!(o.stderr.is_empty(), "{o:?}");
+    assert_eq!(b.workers().len(), 64, "{}", b.stderr());
+    let revived = b.stderr().len();
+    signal(b.pid, Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || b.stderr()[revived..]
+            .contains("worker 1 waits for a free table row")),
+        "{}",
+        &b.stderr()[revived..]
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(evicted(), 2, "{}", &b.stderr()[revived..]);
+    let last = held.len() - 1;
+    assert!(echoed(&mut held[last]), "{}", &b.stderr()[revived..]);
 }

@@ -356,10 +356,18 @@ impl Session<'_> {
     /// goes on record in the same update ([`recorded`]): a shell killed right after it
     /// cannot leave it without its record.
     fn write<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, Failure> {
+        // The caller's name (an NSS lookup: perhaps LDAP) is looked up now, not under the
+        // lock, where the record is made.
+        self.who();
         self.table.update(f).map_err(|e| match e {
             TableError::Lock(LockError::Timeout { holder }) => Failure::Locked { holder },
             other => Failure::Table(other),
         })
+    }
+
+    /// Who runs this shell, for audit records ([`super::caller`]), looked up once.
+    pub(super) fn who(&self) -> &str {
+        self.who.get_or_init(super::caller)
     }
 
     fn event(
@@ -370,7 +378,7 @@ impl Session<'_> {
         new: impl Into<String>,
     ) -> AuditEvent {
         AuditEvent {
-            who: self.who.clone(),
+            who: self.who().to_string(),
             command: cmd.name(),
             group: Some(self.group),
             channel: channel.and_then(index),

@@ -239,7 +239,7 @@ pub fn run(args: ShellArgs) -> ExitCode {
         debug: args.common.debug,
         services: Services::system(),
         logger,
-        who: caller(),
+        who: std::cell::OnceCell::new(),
     };
     let (stdout, stderr) = (io::stdout(), io::stderr());
     let (mut out, mut err) = (stdout.lock(), stderr.lock());
@@ -336,8 +336,10 @@ struct Session<'a> {
     services: Services,
     /// The audit trail (LOG_AUTHPRIV).
     logger: RefCell<Logger>,
-    /// Who runs this shell ([`caller`]), for the records of its changes.
-    who: String,
+    /// Who runs this shell ([`caller`]), for the records of its changes: looked up before
+    /// the first change takes the table's lock (see [`Session::who`]), and only then, so
+    /// that a monitoring probe (`show`, `mrtg-*`) makes no user-name lookup.
+    who: std::cell::OnceCell<String>,
 }
 
 /// Who is running this shell, for the audit trail: real uid, user name, pid.

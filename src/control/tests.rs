@@ -76,7 +76,7 @@ fn session(f: &Fixture) -> Session<'_> {
         logger: std::cell::RefCell::new(crate::log::Logger::for_shell(Some(
             std::path::PathBuf::from("/nonexistent/balance-test-log"),
         ))),
-        who: caller(),
+        who: std::cell::OnceCell::new(),
     }
 }
 
@@ -362,6 +362,52 @@ fn each_change_is_recorded_in_the_update_that_makes_it() {
         let _ = s.run_line(line);
         assert!(f.table.read_audit(next).lines.is_empty(), "{line}");
     }
+}
+
+/// An IPv4-mapped address is the IPv4 address it maps: shown and connected as IPv4, and
+/// refused where that one would be (::ffff:0.0.0.0 slipped past the check and was
+/// connected to as 0.0.0.0, this host).
+#[test]
+fn a_v4_mapped_channel_address_is_taken_as_ipv4() {
+    let f = three_channels("mapped", true);
+    let mut s = session(&f);
+    for bad in [
+        "[::ffff:0.0.0.0]",
+        "[::ffff:255.255.255.255]",
+        "[::ffff:224.0.0.1]",
+    ] {
+        assert_eq!(
+            rejected(&mut s, &format!("create {bad} 80")),
+            "invalid address\n",
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        ok(&mut s, "create [::ffff:127.0.0.1] 80"),
+        "channel created\n"
+    );
+    let snap = f.table.snapshot().expect("snapshot");
+    assert_eq!(snap.groups[0].channels[3].addr, Some(addr("127.0.0.1:80")));
+}
+
+/// The caller's user name (an NSS lookup, perhaps over the network) is looked up for a
+/// change only, before the lock: a monitoring probe makes none.
+#[test]
+fn only_a_change_looks_the_caller_up() {
+    let f = three_channels("who", true);
+    let mut s = session(&f);
+    for probe in [
+        "show",
+        "mrtg-bytes 0 0",
+        "mrtg-conns 0 0",
+        "version",
+        "help",
+    ] {
+        ok(&mut s, probe);
+        assert!(s.who.get().is_none(), "{probe}");
+    }
+    ok(&mut s, "disable 1");
+    assert_eq!(s.who.get().map(String::as_str), Some(caller().as_str()));
 }
 
 #[test]

@@ -270,13 +270,20 @@ fn resolve_channel(spec: &ChannelSpec) -> Result<SocketAddr, Fatal> {
 /// address, if it is one a channel can have. A name with addresses of both families is its
 /// first IPv4 one, as the original (an IPv4-only resolver) took it, whatever the resolver
 /// puts first (stock Debian's `localhost` is ::1 too, and a backend listening on IPv4 only
-/// must keep working); a name with IPv6 addresses only is the first of those. Used only
-/// where resolving is allowed: the bootstrap and the control shell.
+/// must keep working); a name with IPv6 addresses only is the first of those. An
+/// IPv4-mapped address (::ffff:a.b.c.d) is the IPv4 address it maps, so that it counts as
+/// IPv4 and passes the same check (::ffff:0.0.0.0 is no channel either). Used only where
+/// resolving is allowed: the bootstrap and the control shell.
 pub fn lookup_host(host: &str, port: u16) -> Option<SocketAddr> {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let addr = match host.parse::<IpAddr>() {
-        Ok(ip) => SocketAddr::new(ip, port),
+        Ok(ip) => canonical(SocketAddr::new(ip, port)),
         Err(_) => {
-            let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs().ok()?.collect();
+            let addrs: Vec<SocketAddr> = (host, port)
+                .to_socket_addrs()
+                .ok()?
+                .map(canonical)
+                .collect();
             *addrs.iter().find(|a| a.is_ipv4()).or(addrs.first())?
         }
     };
@@ -297,12 +304,8 @@ fn source_address(host: &str) -> Result<Option<IpAddr>, Fatal> {
         // The resolver also takes the short forms (`0`, `127.1`). A name is its IPv4
         // address if it has one, as for channels (see `lookup_host`).
         Err(_) => (host, 0).to_socket_addrs().ok().and_then(|addrs| {
-            let addrs: Vec<SocketAddr> = addrs.collect();
-            addrs
-                .iter()
-                .find(|a| a.is_ipv4())
-                .or(addrs.first())
-                .map(|a| a.ip())
+            let ips: Vec<IpAddr> = addrs.map(|a| a.ip().to_canonical()).collect();
+            ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied()
         }),
     };
     match ip.map(|ip| ip.to_canonical()) {

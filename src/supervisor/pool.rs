@@ -12,12 +12,12 @@
 //! exits, while its replacement counts in a fresh one. When draining workers hold every row
 //! (long connections through many reloads: fewer, the more workers there are), a reload
 //! leaves the workers it cannot replace serving, as they are, rather than cut connections
-//! (it changes nothing they need: the command line is kept). A worker that must be replaced
-//! to serve at all (its slot has none) or to admit a new channel port (whose channel fails
-//! until it is) does not wait on clients that may stay for hours: the draining worker that
-//! has drained longest is stopped, connections and all, to make room. Every request a
-//! worker sends is checked before the supervisor acts on it; a worker that misbehaves is
-//! killed.
+//! (it changes nothing they need: the command line is kept), and a slot it starts again
+//! waits for a row. A worker that refuses a new channel port (whose channel fails until it
+//! is replaced) does not wait on clients that may stay for hours: the draining worker that
+//! has drained longest is stopped, connections and all, to make room. A dead worker's slot
+//! needs none of that: its row is kept for it. Every request a worker sends is checked
+//! before the supervisor acts on it; a worker that misbehaves is killed.
 //!
 //! Each slot knows which version of the channel port set its worker's sandbox admits. A
 //! worker that predates a new port is replaced; one that could not be (it failed to start, say) is
@@ -80,8 +80,8 @@ impl std::fmt::Display for LaunchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LaunchError::NoRow => f.write_str(
-                "no table row is free (draining workers hold them, and the last ones are \
-                 kept for slots whose worker died)",
+                "no table row is free (draining workers hold them, or the last ones are \
+                 kept for slots without a worker)",
             ),
             LaunchError::Stopping => f.write_str("stopping"),
             LaunchError::Failed(e) => f.write_str(e),
@@ -249,15 +249,15 @@ impl Pool {
         }
     }
 
-    /// A free table row for a worker of `slot`. A replacement (the slot has a serving
-    /// worker still) leaves one free row for every other slot without a worker: a worker
-    /// that died frees its row, and a reload's replacement must not take it from the
-    /// slot that needs it to serve at all.
     /// How many slots have been given up.
     pub fn dead_slots(&self) -> usize {
         self.given_up.borrow().iter().filter(|&&dead| dead).count()
     }
 
+    /// A free table row for a worker of `slot`. A replacement (the slot has a serving
+    /// worker still) leaves one free row for every other slot without a worker: a worker
+    /// that died frees its row, and a reload's replacement must not take it from the
+    /// slot that needs it to serve at all.
     fn take_row(&self, slot: usize) -> Option<usize> {
         let versions = self.versions.borrow();
         let given_up = self.given_up.borrow();
@@ -338,8 +338,9 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
     while !sup.stopping.get() {
         let mut started = Instant::now();
         let mut killed = false;
-        // A slot without a worker serves nothing: it makes room if it must.
-        match launch(&sup, slot, true).await {
+        // The row a dead worker freed is kept for its slot (see `take_row`); a slot
+        // started again by a reload waits for one rather than cut connections.
+        match launch(&sup, slot, false).await {
             Ok(worker) => {
                 waiting_for_row = false;
                 if let Some(tx) = first_ready.take() {
@@ -435,8 +436,10 @@ async fn serve_slot(sup: &Rc<Supervisor>, slot: usize, mut worker: Worker) -> (E
             () = sup.pool.replace[slot].notified() => {
                 let request = sup.pool.requests.borrow_mut()[slot].take();
                 // A reload does not stop draining workers for room; a worker that refuses a
-                // new channel port does (its channel fails until it is replaced).
-                let make_room = matches!(request, Some((_, Scope::Stale)));
+                // new channel port does (its channel fails until it is replaced), also in
+                // a reload's round that a new port's was merged into.
+                let make_room = matches!(request, Some((_, Scope::Stale)))
+                    || sup.pool.is_stale(slot, sup.ports_version.get());
                 let answer = request.map(|(answer, _)| answer);
                 let launched = Instant::now();
                 let result = match launch(sup, slot, make_room).await {
@@ -548,6 +551,9 @@ async fn rounds(sup: Rc<Supervisor>, scope: Scope) {
             break;
         };
         match scope {
+            Scope::All if asked == 0 => {
+                sup.log(Priority::Notice, "no serving worker to replace".to_string());
+            }
             Scope::All if replaced == asked => {
                 sup.log(Priority::Notice, "all workers replaced".to_string());
             }
