@@ -65,6 +65,7 @@ Channels:
   A CHANNEL is host[:port[:maxc]] or [ipv6-addr][:port[:maxc]]. A bare IPv6 address
   is taken as one only if it cannot be read as host:port:maxc ('db1::5' is host db1
   with maxc 5, 'fe80::1' is host fe80 with maxc 1): use brackets.
+  A host name is its IPv4 address when it has one (as in the original), else IPv6.
   An empty or missing port means PORT; ports may be numbers or service names.
   maxc caps the channel's concurrent connections; empty, missing or 0 means no cap,
   negative that the channel is never chosen (until the shell's maxc changes it).
@@ -82,6 +83,7 @@ Signals (to the supervisor, the process that --pidfile names):
   SIGTERM, SIGINT  stop accepting, end the workers, remove the table file, exit 0
   SIGHUP           reload: replace the workers one by one (connections in progress finish
                    on the old ones), start worker slots given up again, reconnect to syslog
+  SIGUSR1          ignored (the original's liveness probe)
 
 Exit status:
   0   success
