@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::sys;
 
 const FUTEX_WAITERS: u32 = 0x8000_0000;
-const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
+pub(crate) const FUTEX_OWNER_DIED: u32 = 0x4000_0000;
 const FUTEX_TID_MASK: u32 = 0x3fff_ffff;
 
 /// How long one futex wait sleeps before re-checking that the holder still exists.

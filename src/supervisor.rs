@@ -323,6 +323,19 @@ fn supervise(
             (Ok(term), Ok(int), Ok(hup)) => wait_for_stop(&sup, term, int, hup).await,
             _ => "cannot install signal handlers",
         };
+        // No change is made from here on (a shell refuses one once the instance is marked
+        // stopping, under the lock): the last look at the audit ring sees every change.
+        // A lock held by a stopped shell is waited for at most the usual 2 s, then the mark
+        // is set without it.
+        let pid = std::process::id();
+        if sup.boot.table.update(|w| w.stop_changes(pid)).is_err() {
+            let _ = sup.boot.table.header().shutdown.compare_exchange(
+                0,
+                pid.max(1),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
         log_audit_records(&sup);
         sup.log(Priority::Notice, format!("shutting down ({reason})"));
         stop_workers(&sup, slots).await;
@@ -419,12 +432,19 @@ fn log_audit_records(sup: &Supervisor) {
 /// sandbox does not cover makes the supervisor replace them (one by one, connections drain)
 /// with ones that admit it.
 fn observe_table(sup: &Rc<Supervisor>) {
+    // A writer that died mid-update left the count odd (and the generation where it was):
+    // an empty update repairs it, and records it, at once, so that read-only monitoring is
+    // not left without a consistent copy until the next root shell. A live writer's lock
+    // is not waited for.
+    if sup.boot.table.header().seq.load(Ordering::Acquire) & 1 == 1 {
+        let _ = sup.boot.table.update_within(Duration::ZERO, |_| ());
+    }
     let generation = sup.boot.table.header().generation.load(Ordering::Relaxed);
     if generation == sup.seen_generation.replace(generation) {
         return;
     }
     let Some(snapshot) = sup.boot.table.snapshot() else {
-        // Mid-update, or a writer died in one: look again at the next tick.
+        // Mid-update: look again at the next tick.
         sup.seen_generation.set(generation.wrapping_sub(1));
         return;
     };

@@ -50,7 +50,7 @@ pub const MAX_POOL: usize = MAX_WORKERS / 2;
 /// "BALTABLE" in little-endian byte order.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"BALTABLE");
 /// Bump whenever anything in this file's `#[repr(C)]` structs changes.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// How long a writer waits for the lock before giving up with a clear error.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -126,7 +126,7 @@ pub struct ChannelCounters {
 const PORT_WORDS: usize = (1 << 16) / 64;
 /// Audit records the ring holds: more changes than this between two looks of the
 /// supervisor (200 ms apart) lose the oldest, and the supervisor says how many.
-pub const AUDIT_SLOTS: usize = 32;
+pub const AUDIT_SLOTS: usize = 256;
 /// Bytes of text an audit record holds; longer text is cut (at a character boundary).
 pub const AUDIT_TEXT: usize = 240;
 
@@ -579,15 +579,25 @@ impl Table {
         // writer's death, or a count set odd by a hand on the file. Left odd, every later
         // write would keep it odd and no reader would get a consistent copy again.
         let s = h.seq.load(Ordering::Relaxed);
-        if s & 1 == 1 {
+        let cut_short = s & 1 == 1;
+        if cut_short {
             h.seq.store(s.wrapping_add(1), Ordering::Release);
         }
         let s = h.seq.load(Ordering::Relaxed);
         h.seq.store(s.wrapping_add(1), Ordering::Relaxed);
         fence(Ordering::Release);
-        let r = f(&Writer {
+        let writer = Writer {
             layout: self.layout(),
-        });
+        };
+        if guard.owner_died || cut_short {
+            // The dead writer's change may be in the table without its record: the trail
+            // says so (the supervisor logs it like any record).
+            writer.append_audit(
+                "the table's previous writer died while changing it: a change it made may \
+                 be half made and unrecorded (see the table now)",
+            );
+        }
+        let r = f(&writer);
         h.seq.store(s.wrapping_add(2), Ordering::Release);
         h.generation.fetch_add(1, Ordering::Relaxed);
         drop(guard);
@@ -728,6 +738,24 @@ impl Writer<'_> {
         Some(kind_from_code(
             group.kind.swap(kind_code(kind), Ordering::Relaxed),
         ))
+    }
+
+    /// The instance is stopping (a `kill` asked for it, or the supervisor began to stop):
+    /// no change is to be made any more.
+    pub fn stopping(&self) -> bool {
+        self.layout.header.shutdown.load(Ordering::Acquire) != 0
+    }
+
+    /// Marks the instance stopping (see [`Writer::stopping`]), unless a `kill` did already.
+    /// Under the lock, so that every change made before is in the audit ring, and none
+    /// after.
+    pub fn stop_changes(&self, by: u32) {
+        let _ = self.layout.header.shutdown.compare_exchange(
+            0,
+            by.max(1),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 
     /// Appends a line to the audit ring for the supervisor to log (cut to [`AUDIT_TEXT`]
@@ -945,6 +973,36 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("test address")
+    }
+
+    /// A writer that died mid-update (the kernel marked its lock, or the count was left
+    /// odd) may have made a change without its record: the next update says so in the
+    /// trail, once.
+    #[test]
+    fn a_writer_that_died_mid_update_is_put_on_record() {
+        let (_file, table) = temp_table(&[]);
+        let died = |table: &Table| {
+            table
+                .read_audit(0)
+                .lines
+                .iter()
+                .filter(|l| l.contains("previous writer died"))
+                .count()
+        };
+        table.update(|_| ()).expect("update");
+        assert_eq!(died(&table), 0);
+        // Cut short: the count odd, the lock free.
+        let h = table.header();
+        h.seq.fetch_add(1, Ordering::Relaxed);
+        table.update(|_| ()).expect("update");
+        assert_eq!(died(&table), 1);
+        assert!(table.snapshot().is_some());
+        // The kernel's mark on a dead holder's lock.
+        h.lock
+            .store(crate::futex::FUTEX_OWNER_DIED, Ordering::Relaxed);
+        table.update(|_| ()).expect("update");
+        table.update(|_| ()).expect("update");
+        assert_eq!(died(&table), 2);
     }
 
     #[test]

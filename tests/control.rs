@@ -750,3 +750,76 @@ fn interactive_shell_on_a_terminal() {
     assert!(out.contains("MAXGROUPS=32"), "{out}");
     assert_eq!(o.status.code(), Some(0), "{out}");
 }
+
+/// A stop marks the table stopping under its lock before the supervisor reads the audit
+/// ring a last time, so that a shell attached to it can make no change that would go
+/// unlogged (such changes were confirmed with exit 0 and lost).
+#[test]
+fn a_stop_closes_the_table_to_changes() {
+    if !require_root() {
+        return;
+    }
+    let backends = backends(1);
+    let mut b = Balance::start(&[], &operands(&backends));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.table_path())
+        .expect("open the table");
+    let table = balance::table::Table::open(&file, true).expect("map the table");
+    assert_eq!(
+        table
+            .header()
+            .shutdown
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(b.terminate().and_then(|s| s.code()), Some(0));
+    assert_ne!(
+        table
+            .header()
+            .shutdown
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "{}",
+        b.stderr()
+    );
+}
+
+/// A writer that died mid-update leaves the configuration's count odd: the supervisor
+/// repairs it within a tick and puts it on record, so that read-only monitoring gets a
+/// consistent copy again without waiting for a root shell.
+#[test]
+fn the_supervisor_repairs_a_dead_writers_table() {
+    if !require_root() {
+        return;
+    }
+    let backends = backends(1);
+    let b = Balance::start(&["-d"], &operands(&backends));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.table_path())
+        .expect("open the table");
+    let table = balance::table::Table::open(&file, true).expect("map the table");
+    table
+        .header()
+        .seq
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (_f, read_only) = table_of(&b);
+    assert!(read_only.snapshot().is_none());
+    assert!(
+        wait_until(Duration::from_secs(2), || read_only.snapshot().is_some()),
+        "{}",
+        b.stderr()
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || b.logged("previous writer died")),
+        "{}",
+        b.stderr()
+    );
+}
+
+fn table_of(b: &Balance) -> (std::fs::File, balance::table::Table) {
+    table(&b.table_path())
+}

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::{access, format, AuditEvent, Failure, Reply, Session};
 use crate::cli::{self, Services};
 use crate::futex::LockError;
+use crate::ipc::Priority;
 use crate::table::{GroupKind, Snapshot, TableError, Writer, MAX_GROUPS};
 
 /// How long `kill` waits for the master to let go of the table. The supervisor notices the
@@ -294,7 +295,7 @@ impl Session<'_> {
             Command::Disable(n) => self.set_enabled(n, false),
             Command::Reset(n) => {
                 let event = self
-                    .write(|w| {
+                    .change(|w| {
                         let (t, s, r) = w.reset_counters(g, index(n)?)?;
                         let old = format!("totalc {t} sent {s} rcvd {r}");
                         Some(recorded(w, self.event(cmd, Some(n), old, "0")))
@@ -307,7 +308,7 @@ impl Session<'_> {
             }
             Command::Maxc { channel, maxc } => {
                 let event = self
-                    .write(|w| {
+                    .change(|w| {
                         let old = w.set_maxc(g, index(channel)?, maxc)?;
                         let event =
                             self.event(cmd, Some(channel), old.to_string(), maxc.to_string());
@@ -365,6 +366,14 @@ impl Session<'_> {
         })
     }
 
+    /// [`Self::write`] for a change: refused as [`Failure::NoMaster`] once the instance is
+    /// stopping (the supervisor reads the audit ring a last time after it marks it so,
+    /// under the lock: a change it would not log is not made).
+    fn change<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, Failure> {
+        self.write(|w| (!w.stopping()).then(|| f(w)))?
+            .ok_or(Failure::NoMaster)
+    }
+
     /// Who runs this shell, for audit records ([`super::caller`]), looked up once.
     pub(super) fn who(&self) -> &str {
         self.who.get_or_init(super::caller)
@@ -406,7 +415,7 @@ impl Session<'_> {
         let old = if on { "disabled" } else { "enabled" };
         let event = self.event(&cmd, Some(n), old, word);
         let was = self
-            .write(|w| {
+            .change(|w| {
                 let was = w.set_enabled(g, index(n)?, on)?;
                 if was != on {
                     w.append_audit(&event.to_string());
@@ -427,7 +436,7 @@ impl Session<'_> {
             GroupKind::Hash => "hash",
         };
         let event = self
-            .write(|w| {
+            .change(|w| {
                 let old = w.set_kind(g, kind)?;
                 Some(recorded(w, self.event(cmd, None, name(old), name(kind))))
             })?
@@ -444,7 +453,7 @@ impl Session<'_> {
         let addr = resolve(host, port, &self.services).map_err(rejected)?;
         let g = self.group;
         let event = self
-            .write(|w| {
+            .change(|w| {
                 let c = w.create_channel(g, addr)?;
                 let mut event = self.event(cmd, None, "-", addr.to_string());
                 event.channel = Some(c);
@@ -469,7 +478,7 @@ impl Session<'_> {
             return Err(rejected("unknown channel"));
         }
         let addr = resolve(host, port, &self.services).map_err(rejected)?;
-        let event = self.write(|w| {
+        let event = self.change(|w| {
             let c = index(n).ok_or("unknown channel")?;
             match w.config(g, c) {
                 None => Err("unknown channel"),
@@ -506,7 +515,17 @@ impl Session<'_> {
     /// stuck writer delays the shutdown by the lock's timeout (then the record goes
     /// straight to syslog).
     fn kill(&self, cmd: &Command) -> Result<Reply, Failure> {
-        self.record(&self.instance_event(cmd, "running", "shutting down"));
+        let event = self.instance_event(cmd, "running", "shutting down");
+        match self.change(|w| w.append_audit(&event.to_string())) {
+            Ok(()) => {}
+            // Stopping already (another kill, or a signal): nothing to ask, nor to record.
+            Err(Failure::NoMaster) => return Err(Failure::NoMaster),
+            // The lock is stuck: the record goes straight to syslog.
+            Err(_) => self
+                .logger
+                .borrow_mut()
+                .audit(Priority::Notice, &event.to_string()),
+        }
         // The request is this shell's pid (never 0), so that withdrawing it below cannot
         // take back another shell's.
         let mine = std::process::id().max(1);

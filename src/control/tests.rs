@@ -364,6 +364,34 @@ fn each_change_is_recorded_in_the_update_that_makes_it() {
     }
 }
 
+/// Once the instance is stopping (a `kill`, or the supervisor's stop, which then reads the
+/// audit ring a last time), a change is refused as if the master were gone, and leaves no
+/// record; looking still works. (Changes made during a stop were confirmed, and lost.)
+#[test]
+fn a_stopping_instance_takes_no_change() {
+    let f = three_channels("stopping", true);
+    let mut s = session(&f);
+    f.table.header().shutdown.store(4242, Ordering::Relaxed);
+    let next = f.table.audit_next();
+    for line in [
+        "disable 0",
+        "maxc 1 3",
+        "reset 2",
+        "hash",
+        "create 127.0.0.1 80",
+        "kill",
+    ] {
+        match run(&mut s, line) {
+            Err((text, 69)) => assert_eq!(text, "no master process, exiting.\n", "{line}"),
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+    assert!(f.table.read_audit(next).lines.is_empty());
+    assert!(ok(&mut s, "show").contains("127.0.0.1"));
+    let snap = f.table.snapshot().expect("snapshot");
+    assert!(snap.groups[0].channels[0].enabled);
+}
+
 /// An IPv4-mapped address is the IPv4 address it maps: shown and connected as IPv4, and
 /// refused where that one would be (::ffff:0.0.0.0 slipped past the check and was
 /// connected to as 0.0.0.0, this host).
