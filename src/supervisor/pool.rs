@@ -20,9 +20,9 @@
 //! before the supervisor acts on it; a worker that misbehaves is killed.
 //!
 //! Each slot knows which version of the channel port set its worker's sandbox admits. A
-//! worker that predates a new port is replaced; one that could not be (it failed to start, say) is
-//! retried when a worker exits, and the table's admitted-ports bitmap is updated once every
-//! serving worker admits every port.
+//! worker that predates a new port is replaced; one that could not be (its replacement
+//! failed to start, say) is retried, and the table's admitted-ports bitmap is updated once
+//! every serving worker admits every port.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
