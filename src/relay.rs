@@ -318,6 +318,7 @@ pub fn pump<S: AsFd>(
         } else {
             None
         };
+        let spliced = pipe.is_some();
         let read = match pipe {
             Some(pipe) => splice_in(src.socket, pipe, spares, &mut flow.pending)
                 .map_err(failed_at(Side::Source))?,
@@ -330,6 +331,10 @@ pub fn pump<S: AsFd>(
                 src.ready.readable = false;
                 return waiting(moved);
             }
+            // `splice` also finds nothing at an urgent mark whose EPOLLPRI has not been
+            // seen yet (urgent data, more data and the FIN arriving together): a read of
+            // the copying path, which gets past the mark, tells that from the end.
+            Some(0) if spliced => src.ready.urgent = true,
             Some(0) => flow.eof = true,
             Some(n) => {
                 moved = true;

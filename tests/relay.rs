@@ -756,6 +756,27 @@ fn data_after_urgent_data_is_relayed() {
             );
         }
     }
+    // Bulk data still on its way (spliced) when the urgent byte, more data and the FIN
+    // arrive: splice stops at the mark as if at the end, and the bytes after it were lost,
+    // under a clean FIN.
+    for round in 0..10 {
+        let mut client = TcpStream::connect(b.addr()).expect("connect");
+        let (mut backend, _) = listener.accept().expect("accept");
+        backend
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).map(|_| got)
+        });
+        client.write_all(&vec![1u8; MIB]).expect("bulk");
+        nix::sys::socket::send(client.as_raw_fd(), b"c", MsgFlags::MSG_OOB).expect("urgent");
+        client.write_all(&[2u8; 1000]).expect("after the mark");
+        client.shutdown(Shutdown::Write).expect("shutdown");
+        let got = reader.join().expect("reader").expect("read to the end");
+        assert_eq!(got.len(), MIB + 1000, "round {round}");
+        assert!(got[MIB..].iter().all(|&b| b == 2), "round {round}");
+    }
 }
 
 /// A connection that one side has ended is reset once nothing moves for
