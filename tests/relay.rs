@@ -870,3 +870,60 @@ fn a_half_closed_connection_ends_after_the_half_close_timeout() {
     drop(backend);
     assert_eq!(read_to_end_or_reset(&mut client), (6, "end of stream"));
 }
+
+/// A reader that takes nothing at all is not a slow one: data waiting in balance for it
+/// keeps a half-closed connection open for four half-close timeouts without progress at
+/// most, then both sides are reset (a client that stopped reading held the connection,
+/// and its place under maxc, for ever).
+#[test]
+fn a_reader_that_takes_nothing_does_not_hold_a_half_closed_connection() {
+    if !require_root() {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let (b, worker) = one_worker_with(&["--half-close-timeout", "1"], &listener);
+    let baseline = fds_of_kind(worker, "socket:");
+    let mut client = TcpStream::connect(b.addr()).expect("connect");
+    let (mut backend, _) = listener.accept().expect("accept");
+    client.write_all(b"request").expect("request");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    backend
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut request = Vec::new();
+    backend.read_to_end(&mut request).expect("request");
+    assert_eq!(request, b"request");
+    // An answer larger than every buffer on the way, to a client that never reads.
+    backend
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![5u8; 64 * 1024];
+        for _ in 0..10_000 {
+            if let Err(e) = backend.write_all(&chunk) {
+                return Some(e.kind());
+            }
+        }
+        None
+    });
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(15), || fds_of_kind(worker, "socket:")
+            == baseline),
+        "balance still holds the connection after {:?}",
+        started.elapsed()
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(10),
+        "ended after {took:?}"
+    );
+    let failed = writer.join().expect("writer");
+    assert!(
+        failed.is_some_and(
+            |k| k != std::io::ErrorKind::WouldBlock && k != std::io::ErrorKind::TimedOut
+        ),
+        "the backend was not reset: {failed:?}"
+    );
+    drop(client);
+}

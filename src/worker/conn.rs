@@ -74,6 +74,9 @@ const WATCHED: Interest = Interest::READABLE
 /// still owed, without progress, before resetting it anyway: a peer that does not read
 /// must not hold the connection (and its place under maxc) for a side that is gone.
 pub(super) const ABORT_STALL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How many half-close timeouts without progress data waiting in balance for a reader that
+/// has paused keeps a half-closed connection open.
+const HALF_CLOSE_PATIENCE: u32 = 4;
 /// How long it waits at most, progress or not.
 const ABORT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often an aborting connection that has written everything looks at what the
@@ -733,12 +736,20 @@ impl Worker {
                         TimerKind::Idle => (self.idle_timeout, Ending::IdleTimeout),
                         _ => (self.half_close_timeout, Ending::HalfCloseTimeout),
                     };
+                    let now = self.now;
                     let last = self.conns[i].as_ref().map(|c| {
                         // A half-closed connection whose open direction holds data for a
-                        // slow reader is waiting on the reader, not on a silent peer.
+                        // reader that has paused is waiting on the reader, not on a silent
+                        // peer: for up to HALF_CLOSE_PATIENCE timeouts without progress. A
+                        // reader that takes nothing for that long must not hold the
+                        // connection, and its place under maxc, for ever.
                         let open = if c.up.is_done() { &c.down } else { &c.up };
+                        let patient = limit
+                            .and_then(|d| d.checked_mul(HALF_CLOSE_PATIENCE))
+                            .and_then(|d| c.last_activity.checked_add(d))
+                            .is_none_or(|until| now < until);
                         match timer.kind {
-                            TimerKind::HalfClosed if open.has_pending() => self.now,
+                            TimerKind::HalfClosed if open.has_pending() && patient => now,
                             _ => c.last_activity,
                         }
                     });
