@@ -761,12 +761,7 @@ fn a_stop_closes_the_table_to_changes() {
     }
     let backends = backends(1);
     let mut b = Balance::start(&[], &operands(&backends));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(b.table_path())
-        .expect("open the table");
-    let table = balance::table::Table::open(&file, true).expect("map the table");
+    let (_file, table) = writable_table(&b);
     assert_eq!(
         table
             .header()
@@ -796,17 +791,12 @@ fn the_supervisor_repairs_a_dead_writers_table() {
     }
     let backends = backends(1);
     let b = Balance::start(&["-d"], &operands(&backends));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(b.table_path())
-        .expect("open the table");
-    let table = balance::table::Table::open(&file, true).expect("map the table");
-    table
+    let (_file, writable) = writable_table(&b);
+    writable
         .header()
         .seq
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (_f, read_only) = table_of(&b);
+    let (_f, read_only) = table(&b.table_path());
     assert!(read_only.snapshot().is_none());
     assert!(
         wait_until(Duration::from_secs(2), || read_only.snapshot().is_some()),
@@ -820,6 +810,13 @@ fn the_supervisor_repairs_a_dead_writers_table() {
     );
 }
 
-fn table_of(b: &Balance) -> (std::fs::File, balance::table::Table) {
-    table(&b.table_path())
+/// The instance's table, mapped writable (as root, like a writing shell).
+fn writable_table(b: &Balance) -> (std::fs::File, balance::table::Table) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.table_path())
+        .expect("open the table");
+    let table = balance::table::Table::open(&file, true).expect("map the table");
+    (file, table)
 }
