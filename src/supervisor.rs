@@ -325,17 +325,7 @@ fn supervise(
         };
         // No change is made from here on (a shell refuses one once the instance is marked
         // stopping, under the lock): the last look at the audit ring sees every change.
-        // A lock held by a stopped shell is waited for at most the usual 2 s, then the mark
-        // is set without it.
-        let pid = std::process::id();
-        if sup.boot.table.update(|w| w.stop_changes(pid)).is_err() {
-            let _ = sup.boot.table.header().shutdown.compare_exchange(
-                0,
-                pid.max(1),
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
-        }
+        sup.boot.table.stop_changes(std::process::id());
         log_audit_records(&sup);
         sup.log(Priority::Notice, format!("shutting down ({reason})"));
         stop_workers(&sup, slots).await;

@@ -661,6 +661,14 @@ impl Table {
         }
     }
 
+    /// Marks the instance stopping under the lock ([`Writer::stop_changes`]); when the lock
+    /// stays held (by a stopped shell) for its timeout, without it.
+    pub fn stop_changes(&self, by: u32) {
+        if self.update(|w| w.stop_changes(by)).is_err() {
+            mark_stopping(&self.header().shutdown, by);
+        }
+    }
+
     /// The connections a worker's row counts, over all channels.
     pub fn worker_connections(&self, worker: usize) -> u64 {
         self.layout().worker_current.get(worker).map_or(0, |rows| {
@@ -683,6 +691,11 @@ fn check_size(file: &File) -> Result<(), TableError> {
         return Err(TableError::WrongSize { size });
     }
     Ok(())
+}
+
+/// Sets the `shutdown` flag to `by` (never 0) unless it is set already.
+fn mark_stopping(shutdown: &AtomicU32, by: u32) {
+    let _ = shutdown.compare_exchange(0, by.max(1), Ordering::AcqRel, Ordering::Relaxed);
 }
 
 fn saturating_sub(a: &AtomicU32, n: u32) {
@@ -750,12 +763,7 @@ impl Writer<'_> {
     /// Under the lock, so that every change made before is in the audit ring, and none
     /// after.
     pub fn stop_changes(&self, by: u32) {
-        let _ = self.layout.header.shutdown.compare_exchange(
-            0,
-            by.max(1),
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
+        mark_stopping(&self.layout.header.shutdown, by);
     }
 
     /// Appends a line to the audit ring for the supervisor to log (cut to [`AUDIT_TEXT`]

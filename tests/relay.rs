@@ -791,21 +791,7 @@ fn a_half_closed_connection_ends_after_the_half_close_timeout() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let (b, worker) = one_worker_with(&["--half-close-timeout", "1"], &listener);
     let baseline = fds_of_kind(worker, "socket:");
-    let half_closed = || {
-        let mut client = TcpStream::connect(b.addr()).expect("connect");
-        let (mut backend, _) = listener.accept().expect("accept");
-        client.write_all(b"request").expect("request");
-        client.shutdown(Shutdown::Write).expect("half-close");
-        let mut request = Vec::new();
-        backend
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        backend
-            .read_to_end(&mut request)
-            .expect("request and its end");
-        assert_eq!(request, b"request");
-        (client, backend)
-    };
+    let half_closed = || half_closed_request(&b, &listener);
 
     // The backend answers slowly for 2 s: every gap is shorter than the timeout.
     let (mut client, mut backend) = half_closed();
@@ -883,16 +869,7 @@ fn a_reader_that_takes_nothing_does_not_hold_a_half_closed_connection() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let (b, worker) = one_worker_with(&["--half-close-timeout", "1"], &listener);
     let baseline = fds_of_kind(worker, "socket:");
-    let mut client = TcpStream::connect(b.addr()).expect("connect");
-    let (mut backend, _) = listener.accept().expect("accept");
-    client.write_all(b"request").expect("request");
-    client.shutdown(Shutdown::Write).expect("half-close");
-    backend
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let mut request = Vec::new();
-    backend.read_to_end(&mut request).expect("request");
-    assert_eq!(request, b"request");
+    let (client, mut backend) = half_closed_request(&b, &listener);
     // An answer larger than every buffer on the way, to a client that never reads.
     backend
         .set_write_timeout(Some(Duration::from_secs(20)))
@@ -926,4 +903,22 @@ fn a_reader_that_takes_nothing_does_not_hold_a_half_closed_connection() {
         "the backend was not reset: {failed:?}"
     );
     drop(client);
+}
+
+/// A client connection through `b` that sent "request" and then its FIN, and the backend
+/// connection (accepted on `listener`) that has read both.
+fn half_closed_request(b: &Balance, listener: &std::net::TcpListener) -> (TcpStream, TcpStream) {
+    let mut client = TcpStream::connect(b.addr()).expect("connect");
+    let (mut backend, _) = listener.accept().expect("accept");
+    client.write_all(b"request").expect("request");
+    client.shutdown(Shutdown::Write).expect("half-close");
+    let mut request = Vec::new();
+    backend
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    backend
+        .read_to_end(&mut request)
+        .expect("request and its end");
+    assert_eq!(request, b"request");
+    (client, backend)
 }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use super::{access, format, AuditEvent, Failure, Reply, Session};
 use crate::cli::{self, Services};
 use crate::futex::LockError;
-use crate::ipc::Priority;
 use crate::table::{GroupKind, Snapshot, TableError, Writer, MAX_GROUPS};
 
 /// How long `kill` waits for the master to let go of the table. The supervisor notices the
@@ -369,7 +368,7 @@ impl Session<'_> {
     /// [`Self::write`] for a change: refused as [`Failure::NoMaster`] once the instance is
     /// stopping (the supervisor reads the audit ring a last time after it marks it so,
     /// under the lock: a change it would not log is not made).
-    fn change<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, Failure> {
+    pub(super) fn change<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, Failure> {
         self.write(|w| (!w.stopping()).then(|| f(w)))?
             .ok_or(Failure::NoMaster)
     }
@@ -515,17 +514,8 @@ impl Session<'_> {
     /// stuck writer delays the shutdown by the lock's timeout (then the record goes
     /// straight to syslog).
     fn kill(&self, cmd: &Command) -> Result<Reply, Failure> {
-        let event = self.instance_event(cmd, "running", "shutting down");
-        match self.change(|w| w.append_audit(&event.to_string())) {
-            Ok(()) => {}
-            // Stopping already (another kill, or a signal): nothing to ask, nor to record.
-            Err(Failure::NoMaster) => return Err(Failure::NoMaster),
-            // The lock is stuck: the record goes straight to syslog.
-            Err(_) => self
-                .logger
-                .borrow_mut()
-                .audit(Priority::Notice, &event.to_string()),
-        }
+        // Stopping already (another kill, or a signal): nothing to ask, nor to record.
+        self.record(&self.instance_event(cmd, "running", "shutting down"))?;
         // The request is this shell's pid (never 0), so that withdrawing it below cannot
         // take back another shell's.
         let mine = std::process::id().max(1);
@@ -546,7 +536,7 @@ impl Session<'_> {
                         .compare_exchange(mine, 0, Ordering::AcqRel, Ordering::Relaxed)
                         .is_ok();
                     if withdrawn {
-                        self.record(&self.instance_event(
+                        let _ = self.record(&self.instance_event(
                             cmd,
                             "shutting down",
                             "running (no shutdown within the wait: request withdrawn)",

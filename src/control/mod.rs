@@ -465,14 +465,20 @@ impl Session<'_> {
         }
     }
 
-    /// Puts a change on record: in the table's audit ring, which the supervisor (owner of
-    /// the daemon's syslog connection) logs within 200 ms, so that the record does not
-    /// depend on this shell reaching syslog. Straight to syslog only when the ring cannot
-    /// be written (the writer lock is stuck).
-    pub(super) fn record(&self, event: &AuditEvent) {
+    /// Puts an instance-wide action (`kill`) on record: in the table's audit ring, which the
+    /// supervisor (owner of the daemon's syslog connection) logs within 200 ms, so that the
+    /// record does not depend on this shell reaching syslog. Straight to syslog only when
+    /// the ring cannot be written (the writer lock is stuck). Refused, like any change, as
+    /// [`Failure::NoMaster`] once the instance is stopping.
+    pub(super) fn record(&self, event: &AuditEvent) -> Result<(), Failure> {
         let text = event.to_string();
-        if self.table.update(|w| w.append_audit(&text)).is_err() {
-            self.logger.borrow_mut().audit(Priority::Notice, &text);
+        match self.change(|w| w.append_audit(&text)) {
+            Err(Failure::NoMaster) => Err(Failure::NoMaster),
+            Err(_) => {
+                self.logger.borrow_mut().audit(Priority::Notice, &text);
+                Ok(())
+            }
+            Ok(()) => Ok(()),
         }
     }
 

@@ -275,19 +275,29 @@ fn resolve_channel(spec: &ChannelSpec) -> Result<SocketAddr, Fatal> {
 /// IPv4 and passes the same check (::ffff:0.0.0.0 is no channel either). Used only where
 /// resolving is allowed: the bootstrap and the control shell.
 pub fn lookup_host(host: &str, port: u16) -> Option<SocketAddr> {
+    let addr = resolve_canonical(host, port)?;
+    crate::table::is_channel_address(addr.ip()).then_some(addr)
+}
+
+/// [`lookup_host`] without the channel check: the literal, or the name's first IPv4
+/// address, else its first one, made canonical.
+fn resolve_canonical(host: &str, port: u16) -> Option<SocketAddr> {
     let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-    let addr = match host.parse::<IpAddr>() {
-        Ok(ip) => canonical(SocketAddr::new(ip, port)),
+    match host.parse::<IpAddr>() {
+        Ok(ip) => Some(canonical(SocketAddr::new(ip, port))),
         Err(_) => {
             let addrs: Vec<SocketAddr> = (host, port)
                 .to_socket_addrs()
                 .ok()?
                 .map(canonical)
                 .collect();
-            *addrs.iter().find(|a| a.is_ipv4()).or(addrs.first())?
+            addrs
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(addrs.first())
+                .copied()
         }
-    };
-    crate::table::is_channel_address(addr.ip()).then_some(addr)
+    }
 }
 
 fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, Fatal> {
@@ -299,16 +309,9 @@ fn resolve_host(host: &str, port: u16) -> Result<SocketAddr, Fatal> {
 /// on it). An unspecified one (0.0.0.0, ::) is the system's choice, as without `-B`: the
 /// original bound to it, which chooses nothing.
 fn source_address(host: &str) -> Result<Option<IpAddr>, Fatal> {
-    let ip = match host.parse::<IpAddr>() {
-        Ok(ip) => Some(ip),
-        // The resolver also takes the short forms (`0`, `127.1`). A name is its IPv4
-        // address if it has one, as for channels (see `lookup_host`).
-        Err(_) => (host, 0).to_socket_addrs().ok().and_then(|addrs| {
-            let ips: Vec<IpAddr> = addrs.map(|a| a.ip().to_canonical()).collect();
-            ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied()
-        }),
-    };
-    match ip.map(|ip| ip.to_canonical()) {
+    // Resolved as a channel is (the short forms `0` and `127.1` included); only the
+    // unspecified address is taken besides.
+    match resolve_canonical(host, 0).map(|a| a.ip()) {
         Some(ip) if ip.is_unspecified() => Ok(None),
         Some(ip) if crate::table::is_channel_address(ip) => Ok(Some(ip)),
         _ => Err(Fatal::new(

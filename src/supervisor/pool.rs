@@ -185,8 +185,8 @@ pub struct Pool {
     rows: RefCell<[bool; MAX_WORKERS]>,
     /// Live (not yet reaped) worker pids and their channels.
     live: RefCell<HashMap<u32, Rc<UnixDatagram>>>,
-    /// Pending replace requests, one per slot, and the round's scope.
-    requests: RefCell<Vec<Option<(Answer, Scope)>>>,
+    /// Pending replace requests, one per slot.
+    requests: RefCell<Vec<Option<Answer>>>,
     replace: Vec<Notify>,
     /// Per slot, whether it was given up after exhausting the crash budget (a reload
     /// starts it again).
@@ -353,7 +353,7 @@ pub async fn run_slot(sup: Rc<Supervisor>, slot: usize, first_ready: Reply) {
                 started = since;
                 sup.pool.versions.borrow_mut()[slot].serving = None;
                 // A replacement asked for meanwhile is done: the slot starts a fresh worker.
-                if let Some((answer, _)) = sup.pool.requests.borrow_mut()[slot].take() {
+                if let Some(answer) = sup.pool.requests.borrow_mut()[slot].take() {
                     let _ = answer.send(Ok(()));
                 }
                 // Consume the wake-up that came with it, so that it does not replace the
@@ -434,13 +434,11 @@ async fn serve_slot(sup: &Rc<Supervisor>, slot: usize, mut worker: Worker) -> (E
         tokio::select! {
             done = &mut worker.done => return (Exit::of(done), since),
             () = sup.pool.replace[slot].notified() => {
-                let request = sup.pool.requests.borrow_mut()[slot].take();
+                let answer = sup.pool.requests.borrow_mut()[slot].take();
                 // A reload does not stop draining workers for room; a worker that refuses a
-                // new channel port does (its channel fails until it is replaced), also in
-                // a reload's round that a new port's was merged into.
-                let make_room = matches!(request, Some((_, Scope::Stale)))
-                    || sup.pool.is_stale(slot, sup.ports_version.get());
-                let answer = request.map(|(answer, _)| answer);
+                // new channel port does (its channel fails until it is replaced), whichever
+                // round replaces it.
+                let make_room = sup.pool.is_stale(slot, sup.ports_version.get());
                 let launched = Instant::now();
                 let result = match launch(sup, slot, make_room).await {
                     Ok(new) => {
@@ -631,7 +629,7 @@ async fn replace_each(sup: &Rc<Supervisor>, scope: Scope) -> Option<(usize, usiz
         }
         asked += 1;
         let (tx, rx) = oneshot::channel();
-        sup.pool.requests.borrow_mut()[slot] = Some((tx, scope));
+        sup.pool.requests.borrow_mut()[slot] = Some(tx);
         sup.pool.replace[slot].notify_one();
         let outcome = tokio::time::timeout(READY_TIMEOUT * 2, rx).await;
         if sup.stopping.get() {
