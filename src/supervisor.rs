@@ -394,27 +394,29 @@ async fn wait_for_stop(
 
 /// Logs what the control shell put on record in the table's audit ring since the last look
 /// (the shell's own words, on the audit facility), and says when records were overwritten
-/// before they could be logged.
+/// before they could be logged. Then it marks them read, which frees their slots for shells
+/// waiting to make a change.
 fn log_audit_records(sup: &Supervisor) {
     let table = &sup.boot.table;
-    if table.audit_next() == sup.audit_next.get() {
-        return;
+    if table.audit_next() != sup.audit_next.get() {
+        let batch = table.read_audit(sup.audit_next.get());
+        sup.audit_next.set(batch.next);
+        let mut logger = sup.logger.borrow_mut();
+        if batch.lost > 0 {
+            logger.audit(
+                Priority::Warning,
+                &format!(
+                    "{} audit record(s) of the control shell were overwritten before they could be logged",
+                    batch.lost
+                ),
+            );
+        }
+        for line in &batch.lines {
+            logger.audit(Priority::Notice, line);
+        }
     }
-    let batch = table.read_audit(sup.audit_next.get());
-    sup.audit_next.set(batch.next);
-    let mut logger = sup.logger.borrow_mut();
-    if batch.lost > 0 {
-        logger.audit(
-            Priority::Warning,
-            &format!(
-                "{} audit record(s) of the control shell were overwritten before they could be logged",
-                batch.lost
-            ),
-        );
-    }
-    for line in &batch.lines {
-        logger.audit(Priority::Notice, line);
-    }
+    // Stored at every look: the mark is the supervisor's alone, whatever a hand left there.
+    table.audit_read_up_to(sup.audit_next.get());
 }
 
 /// Looks at the table after a change: every change goes to the audit trail (so a writer

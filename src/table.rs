@@ -16,7 +16,8 @@
 //! - **Audit records** (a ring after the bitmap, in the configuration part) are appended by
 //!   the control shell under the writer lock, one per change, and read lock-free by the
 //!   supervisor, which owns the syslog connection and logs them: a change is on record even
-//!   when the shell cannot reach syslog itself.
+//!   when the shell cannot reach syslog itself. The supervisor marks how far it has read,
+//!   and a shell makes no change while the ring holds nothing but unread records.
 //! - **Counters** (and the round-robin cursors) are relaxed atomics updated without any
 //!   lock. The current-connection count of a channel is kept twice: a global count that
 //!   `maxc` admission compares-and-swaps, and a per-worker row, so the supervisor can
@@ -50,7 +51,7 @@ pub const MAX_POOL: usize = MAX_WORKERS / 2;
 /// "BALTABLE" in little-endian byte order.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"BALTABLE");
 /// Bump whenever anything in this file's `#[repr(C)]` structs changes.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// How long a writer waits for the lock before giving up with a clear error.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -124,8 +125,9 @@ pub struct ChannelCounters {
 
 /// Words of the admitted-ports bitmap: one bit per TCP port.
 const PORT_WORDS: usize = (1 << 16) / 64;
-/// Audit records the ring holds: more changes than this between two looks of the
-/// supervisor (200 ms apart) lose the oldest, and the supervisor says how many.
+/// Audit records the ring holds. A control shell does not make a change while the ring
+/// holds this many records the supervisor has not read ([`Writer::audit_room`]); a writer
+/// that appends anyway overwrites the oldest, and the supervisor says how many it lost.
 pub const AUDIT_SLOTS: usize = 256;
 /// Bytes of text an audit record holds; longer text is cut (at a character boundary).
 pub const AUDIT_TEXT: usize = 240;
@@ -147,7 +149,10 @@ pub struct AuditRecord {
 pub struct AuditRing {
     /// Records appended since start; record `n` lives in slot `n % AUDIT_SLOTS`.
     pub next: AtomicU64,
-    pub reserved: [AtomicU64; 7],
+    /// Where the supervisor's next read starts: records before it are logged (or counted
+    /// lost) and their slots free. Written by the supervisor alone, without the lock.
+    pub read: AtomicU64,
+    pub reserved: [AtomicU64; 6],
     pub records: [AuditRecord; AUDIT_SLOTS],
 }
 
@@ -351,6 +356,12 @@ impl Table {
     /// Records appended to the audit ring since start (a lock-free look).
     pub fn audit_next(&self) -> u64 {
         self.layout().audit.next.load(Ordering::Acquire)
+    }
+
+    /// Tells writers that the records before `next` are read and their slots free
+    /// (the supervisor, after each [`Self::read_audit`]).
+    pub fn audit_read_up_to(&self, next: u64) {
+        self.layout().audit.read.store(next, Ordering::Release);
     }
 
     /// The audit records from number `from` on, without taking the lock: each record is
@@ -764,6 +775,18 @@ impl Writer<'_> {
     /// after.
     pub fn stop_changes(&self, by: u32) {
         mark_stopping(&self.layout.header.shutdown, by);
+    }
+
+    /// Whether the audit ring has a free slot: fewer than [`AUDIT_SLOTS`] records appended
+    /// that the supervisor has not read. A count set back below the read mark (by a hand on
+    /// the file) reads as full until the supervisor follows it, at its next look.
+    pub fn audit_room(&self) -> bool {
+        let ring = &self.layout.audit;
+        let unread = ring
+            .next
+            .load(Ordering::Relaxed)
+            .wrapping_sub(ring.read.load(Ordering::Acquire));
+        unread < AUDIT_SLOTS as u64
     }
 
     /// Appends a line to the audit ring for the supervisor to log (cut to [`AUDIT_TEXT`]

@@ -810,6 +810,50 @@ fn the_supervisor_repairs_a_dead_writers_table() {
     );
 }
 
+/// A shell makes no change while the audit ring holds nothing but records the supervisor
+/// has not logged (the change's record would overwrite one). With the supervisor stopped,
+/// it refuses after its wait (exit 75) and the channel stays as it was; once the
+/// supervisor runs again, it logs the ring, marks it read, and the change goes through.
+#[test]
+fn a_change_waits_for_the_supervisor_to_log_the_audit_ring() {
+    if !require_root() {
+        return;
+    }
+    let backends = backends(2);
+    let b = Balance::start(&["-d"], &operands(&backends));
+    let (_file, table) = writable_table(&b);
+    signal(b.pid, nix::sys::signal::Signal::SIGSTOP);
+    table
+        .update(|w| {
+            for i in 0..balance::table::AUDIT_SLOTS {
+                w.append_audit(&format!("filler record {i}"));
+            }
+        })
+        .expect("fill the ring");
+    let start = Instant::now();
+    let refused = b.control("disable 1");
+    let waited = start.elapsed();
+    signal(b.pid, nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(refused.status.code(), Some(75), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("change not made"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(waited >= Duration::from_secs(5), "{waited:?}");
+    assert!(control_ok(&b, "show").contains(" 1 ENA "), "still enabled");
+    assert!(b.logged("filler record 255"), "{}", b.stderr());
+    assert!(!b.stderr().contains("overwritten"), "{}", b.stderr());
+    let start = Instant::now();
+    control_ok(&b, "disable 1");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(
+        b.logged("disable group 0 channel 1: enabled -> disabled"),
+        "{}",
+        b.stderr()
+    );
+}
+
 /// The instance's table, mapped writable (as root, like a writing shell).
 fn writable_table(b: &Balance) -> (std::fs::File, balance::table::Table) {
     let file = std::fs::OpenOptions::new()

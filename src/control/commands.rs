@@ -14,6 +14,10 @@ use crate::table::{GroupKind, Snapshot, TableError, Writer, MAX_GROUPS};
 /// flag within 200 ms, kills its workers and waits up to 5 s for them to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(8);
 const KILL_POLL: Duration = Duration::from_millis(50);
+/// How long a change waits for room in the audit ring: the supervisor reads it every
+/// 200 ms, so only a supervisor that is stopped or stuck makes a shell wait this long.
+pub(super) const AUDIT_WAIT: Duration = Duration::from_secs(5);
+const AUDIT_POLL: Duration = Duration::from_millis(10);
 
 /// Command names in the original's matching order: a typed word selects the first name it
 /// is a prefix of, so `k` is kill and `r` is reset, as users of the original expect.
@@ -367,10 +371,31 @@ impl Session<'_> {
 
     /// [`Self::write`] for a change: refused as [`Failure::NoMaster`] once the instance is
     /// stopping (the supervisor reads the audit ring a last time after it marks it so,
-    /// under the lock: a change it would not log is not made).
+    /// under the lock: a change it would not log is not made). Made only while the audit
+    /// ring has a free slot for its record: the shell waits, without the lock, for the
+    /// supervisor to read the ring, and after [`AUDIT_WAIT`] refuses the change as
+    /// [`Failure::AuditFull`] rather than overwrite records nobody has logged.
     pub(super) fn change<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, Failure> {
-        self.write(|w| (!w.stopping()).then(|| f(w)))?
-            .ok_or(Failure::NoMaster)
+        let deadline = Instant::now() + AUDIT_WAIT;
+        let mut f = Some(f);
+        loop {
+            let made = self.write(|w| {
+                if w.stopping() {
+                    return Err(Failure::NoMaster);
+                }
+                if !w.audit_room() {
+                    return Ok(None);
+                }
+                Ok(f.take().map(|f| f(w)))
+            })??;
+            if let Some(r) = made {
+                return Ok(r);
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::AuditFull);
+            }
+            std::thread::sleep(AUDIT_POLL);
+        }
     }
 
     /// Who runs this shell, for audit records ([`super::caller`]), looked up once.

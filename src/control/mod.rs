@@ -41,7 +41,7 @@ use crate::cli::{self, Services, ShellArgs};
 use crate::exitcode::{EX_DATAERR, EX_OSERR, EX_SOFTWARE, EX_UNAVAILABLE};
 use crate::ipc::Priority;
 use crate::log::Logger;
-use crate::table::{Table, TableError};
+use crate::table::{Table, TableError, AUDIT_SLOTS};
 
 use access::AccessError;
 pub use commands::{Command, ParseError};
@@ -148,6 +148,9 @@ pub enum Failure {
     NoMaster,
     /// `kill` was sent but the master did not let go of the table in time.
     ShutdownFailed,
+    /// The audit ring stayed full of records the supervisor had not read (it is stopped
+    /// or stuck): the change was not made.
+    AuditFull,
     Table(TableError),
 }
 
@@ -156,7 +159,7 @@ impl Failure {
         match self {
             Failure::Rejected(_) => EX_DATAERR,
             Failure::ReadOnly(_) => EX_NOPERM,
-            Failure::Locked { .. } | Failure::Busy => EX_TEMPFAIL,
+            Failure::Locked { .. } | Failure::Busy | Failure::AuditFull => EX_TEMPFAIL,
             Failure::NoMaster | Failure::ShutdownFailed => EX_UNAVAILABLE,
             Failure::Table(_) => EX_SOFTWARE,
         }
@@ -185,6 +188,12 @@ impl Failure {
             Failure::Busy => writeln!(
                 err,
                 "balance: the table kept changing while being read; try again"
+            ),
+            Failure::AuditFull => writeln!(
+                err,
+                "balance: change not made: the master has not logged the last {AUDIT_SLOTS} \
+                 changes' audit records for {} s (is it stopped?); try again",
+                commands::AUDIT_WAIT.as_secs()
             ),
             Failure::Table(e) => writeln!(err, "balance: {}: {e}", path.display()),
         }
@@ -490,6 +499,17 @@ impl Session<'_> {
                 &format!(
                     "{}: refused {cmd} on {}: read-only access",
                     caller(),
+                    self.path.display()
+                ),
+            );
+        }
+        if let Failure::AuditFull = f {
+            self.logger.borrow_mut().audit(
+                Priority::Warning,
+                &format!(
+                    "{}: a change on {} was not made: the audit ring stayed full of records \
+                     the master had not logged",
+                    self.who(),
                     self.path.display()
                 ),
             );

@@ -3,9 +3,10 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use super::*;
-use crate::table::{GroupKind, InitialGroup, MAX_CHANNELS};
+use crate::table::{GroupKind, InitialGroup, AUDIT_SLOTS, MAX_CHANNELS};
 
 /// A table in a temp file, plus a second open of it that holds the master's lock.
 struct Fixture {
@@ -727,4 +728,106 @@ fn a_new_port_is_awaited_only_while_the_daemon_serves() {
         "{}",
         String::from_utf8_lossy(&err)
     );
+}
+
+/// A second writable mapping of the fixture's table, as the supervisor has its own.
+fn reopen_writable(f: &Fixture) -> (File, Table) {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f.path)
+        .expect("reopen");
+    let table = Table::open(&file, true).expect("map");
+    (file, table)
+}
+
+/// Fills the audit ring with records nobody has read.
+fn fill_audit_ring(f: &Fixture) {
+    f.table
+        .update(|w| {
+            for i in 0..AUDIT_SLOTS {
+                w.append_audit(&format!("filler {i}"));
+            }
+        })
+        .expect("fill");
+}
+
+/// Changes come faster than the supervisor reads (a script piped into `balance -i`): a
+/// change waits for room in the audit ring instead of overwriting records not yet logged,
+/// so every change is on record. (Past 256 unread records the oldest were overwritten,
+/// and only counted.)
+#[test]
+fn a_change_waits_for_room_in_the_audit_ring_and_no_record_is_lost() {
+    let f = three_channels("audit-room", true);
+    let mut s = session(&f);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let changes = 3 * AUDIT_SLOTS;
+    let (lines, lost) = std::thread::scope(|scope| {
+        // The supervisor's part: a look every 50 ms, each marking what it read.
+        let reader = scope.spawn(|| {
+            let (_file, table) = reopen_writable(&f);
+            let (mut lines, mut lost, mut next) = (Vec::new(), 0, 0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut last_look = false;
+            while Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+                let finished = last_look;
+                last_look = done.load(Ordering::Acquire);
+                let batch = table.read_audit(next);
+                lines.extend(batch.lines);
+                lost += batch.lost;
+                next = batch.next;
+                table.audit_read_up_to(next);
+                if finished {
+                    break;
+                }
+            }
+            (lines, lost)
+        });
+        for i in 0..changes {
+            let line = if i % 2 == 0 { "disable 1" } else { "enable 1" };
+            ok(&mut s, line);
+        }
+        done.store(true, Ordering::Release);
+        reader.join().expect("reader")
+    });
+    assert_eq!(lost, 0);
+    assert_eq!(lines.len(), changes);
+    let disables = lines
+        .iter()
+        .filter(|l| l.ends_with("disable group 0 channel 1: enabled -> disabled"))
+        .count();
+    assert_eq!(disables, changes / 2);
+}
+
+/// With the ring full and nobody reading it (the supervisor stopped), a change is not made
+/// after the wait, and says why (exit 75); the unread records stay as they were. Once the
+/// ring is read, the same change goes through.
+#[test]
+fn with_the_audit_ring_full_and_unread_a_change_is_refused() {
+    let f = three_channels("audit-full", true);
+    let mut s = session(&f);
+    fill_audit_ring(&f);
+    let start = Instant::now();
+    match run(&mut s, "disable 0") {
+        Err((text, 75)) => assert!(
+            text.contains("change not made") && text.contains("(is it stopped?)"),
+            "{text}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(start.elapsed() >= commands::AUDIT_WAIT);
+    let snap = f.table.snapshot().expect("snapshot");
+    assert!(snap.groups[0].channels[0].enabled);
+    let batch = f.table.read_audit(0);
+    assert_eq!((batch.lines.len(), batch.lost), (AUDIT_SLOTS, 0));
+    assert_eq!(batch.lines[0], "filler 0");
+    // Looking needs no room.
+    assert!(ok(&mut s, "show").contains("127.0.0.1"));
+    f.table.audit_read_up_to(batch.next);
+    ok(&mut s, "disable 0");
+    assert!(!f.table.snapshot().expect("snapshot").groups[0].channels[0].enabled);
+    let after = f.table.read_audit(batch.next);
+    assert_eq!(after.lines.len(), 1);
+    assert!(after.lines[0].ends_with("disable group 0 channel 0: enabled -> disabled"));
 }
