@@ -2,9 +2,10 @@
 # Builds the Debian package and checks it as an operator uses it: lintian, the systemd
 # units (verify, security score, capability set), then on this machine dpkg -i, the
 # init script with two instances on loopback, the control shell as root and as a member
-# of group balance, reload, stop, dpkg -r and dpkg -P. Runs as root; changes the machine
-# (installs the package, deletes and recreates user balance) and leaves it as it found
-# it, user balance included. Prints "packaging: N passed, N failed" last.
+# of group balance, reload, stop, an upgrade (running daemons restarted), dpkg -r and
+# dpkg -P. Runs as root; changes the machine (installs the package, deletes and recreates
+# user balance, sets policy-rc.d and runlevel aside during the upgrade) and leaves it as
+# it found it, user balance included. Prints "packaging: N passed, N failed" last.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work="$repo/target/pkg"
@@ -57,8 +58,25 @@ fi
 # --- processes started here are stopped by pid, whatever happens --------------------
 pids=()
 installed=no
+# Files replaced for one step (see the upgrade), put back whatever happens.
+set_aside=()
+# set_aside FILE: moves FILE (or the symlink), if there is one, to FILE.ci-aside until
+# restore_set_aside, which also removes what was put in its place.
+set_aside() {
+    if [ -e "$1" ] || [ -L "$1" ]; then mv -T "$1" "$1.ci-aside"; fi
+    set_aside+=("$1")
+}
+restore_set_aside() {
+    local f
+    for f in "${set_aside[@]}"; do
+        rm -f "$f"
+        if [ -e "$f.ci-aside" ] || [ -L "$f.ci-aside" ]; then mv -T "$f.ci-aside" "$f"; fi
+    done
+    set_aside=()
+}
 cleanup() {
     set +e
+    restore_set_aside
     if [ "$installed" = yes ]; then
         /etc/init.d/balance stop >/dev/null 2>&1
         dpkg -P balance >/dev/null 2>&1
@@ -464,6 +482,46 @@ check "with a syntax error in /etc/default/balance: start 6" [ "$(rc_of service 
 check "with a syntax error: status 4 (unknown)" [ "$(rc_of service balance status)" -eq 4 ]
 check "with a syntax error: stop still stops every daemon" stops_both service balance stop
 printf '%s\n' "$good_conf" >/etc/default/balance
+
+# --- upgrade -----------------------------------------------------------------------
+# An upgrade restarts the running daemons (debhelper's postinst runs the init script's
+# restart): a new control shell cannot attach to the table of a daemon started by the old
+# binary when the table layout changed, as it did between releases. The same package
+# repacked under a higher version stands for the next release.
+check "service balance start (before the upgrade)" service balance start
+old1=$(cat /run/balance/ci_rr.pid 2>/dev/null || echo 0)
+old2=$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)
+pids+=("$old1" "$old2")
+rm -rf "$work/next"
+dpkg-deb -R "$deb" "$work/next"
+sed -i "s/^Version: .*/Version: ${version}+ci1/" "$work/next/DEBIAN/control"
+next_deb="$work/balance_${version}+ci1.deb"
+dpkg-deb -b "$work/next" "$next_deb" >/dev/null
+# Maintainer scripts take no service action on this machine: policy-rc.d exits 101, and
+# runlevel (systemctl's, without systemd running) knows none, so invoke-rc.d does nothing.
+# For this one dpkg -i they are as on a sysvinit machine in runlevel 2.
+set_aside /usr/sbin/policy-rc.d
+set_aside /usr/sbin/runlevel
+printf '#!/bin/sh\necho "N 2"\n' >/usr/sbin/runlevel
+chmod 0755 /usr/sbin/runlevel
+upgrade_rc=0
+dpkg -i "$next_deb" >"$work/dpkg-upgrade.log" 2>&1 || upgrade_rc=$?
+restore_set_aside
+[ "$upgrade_rc" -eq 0 ] || cat "$work/dpkg-upgrade.log"
+check "dpkg -i of version ${version}+ci1 (an upgrade, service actions allowed)" \
+    [ "$upgrade_rc" -eq 0 ]
+check "the upgrade stopped both daemons ($old1 $old2)" wait_for 15 bash -c "
+    $(declare -f gone); gone $old1 && gone $old2"
+new1=$(cat /run/balance/ci_rr.pid 2>/dev/null || echo 0)
+new2=$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)
+pids+=("$new1" "$new2")
+check "and started both again ($new1 $new2)" \
+    bash -c "[ $new1 != $old1 ] && [ $new2 != $old2 ] && kill -0 $new1 $new2"
+show_upgraded=$(/usr/sbin/balance -c show "$p1" 2>&1) || true
+check "balance -c show $p1 after the upgrade" \
+    bash -c "grep -q ' $b1 ' <<<'$show_upgraded' && grep -q ' $b2 ' <<<'$show_upgraded'"
+check "serving after the upgrade" wait_for 10 fetch "$p2"
+check "service balance stop (after the upgrade)" service balance stop
 
 # --- removal -----------------------------------------------------------------------
 # Daemons still running when the package goes (a policy-rc.d may keep prerm from

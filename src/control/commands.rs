@@ -18,6 +18,9 @@ const KILL_POLL: Duration = Duration::from_millis(50);
 /// 200 ms, so only a supervisor that is stopped or stuck makes a shell wait this long.
 pub(super) const AUDIT_WAIT: Duration = Duration::from_secs(5);
 const AUDIT_POLL: Duration = Duration::from_millis(10);
+/// How long a shell waits for a consistent read of the configuration.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(2);
+const SNAPSHOT_POLL: Duration = Duration::from_millis(1);
 
 /// Command names in the original's matching order: a typed word selects the first name it
 /// is a prefix of, so `k` is kill and `r` is reset, as users of the original expect.
@@ -345,7 +348,11 @@ impl Session<'_> {
 
     /// A consistent read of the configuration. A writer killed mid-update leaves the seqlock
     /// odd until the next writer repairs it; with write access, an empty update does that
-    /// repair here (and reports a live holder as [`Failure::Locked`]).
+    /// repair here (and reports a live holder as [`Failure::Locked`]). Without, the shell
+    /// waits up to [`SNAPSHOT_WAIT`] for a moment without a write: writers keep the count
+    /// odd for microseconds, and the supervisor repairs a dead one's within 200 ms. (A
+    /// read-only `show` against a stream of changes failed at once, after a budget of
+    /// spins that lasts microseconds.)
     fn snapshot(&self) -> Result<Snapshot, Failure> {
         if let Some(snap) = self.table.snapshot() {
             return Ok(snap);
@@ -353,7 +360,16 @@ impl Session<'_> {
         if self.table.is_writable() {
             self.write(|_| ())?;
         }
-        self.table.snapshot().ok_or(Failure::Busy)
+        let deadline = Instant::now() + SNAPSHOT_WAIT;
+        loop {
+            if let Some(snap) = self.table.snapshot() {
+                return Ok(snap);
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::Busy);
+            }
+            std::thread::sleep(SNAPSHOT_POLL);
+        }
     }
 
     /// Runs `f` as the table's writer, turning lock trouble into a [`Failure`]. A change

@@ -698,6 +698,45 @@ fn show_repairs_a_writer_that_died_mid_update() {
     assert_eq!(f.table.seq() & 1, 0);
 }
 
+/// A read-only shell that finds a write in progress waits for it to end (here a writer
+/// stopped mid-update for 300 ms, or repaired by the supervisor) instead of failing at
+/// once; one that never ends is reported as busy (exit 75) after the wait.
+#[test]
+fn a_read_only_show_waits_out_a_write_in_progress() {
+    let f = three_channels("wait-write", true);
+    let (_file, reader) = {
+        let file = File::open(&f.path).expect("reopen");
+        let table = Table::open(&file, false).expect("map");
+        (file, table)
+    };
+    let session_on = |table| Session {
+        table,
+        ..session(&f)
+    };
+    let header = f.table.header();
+    header.seq.fetch_add(1, Ordering::Relaxed);
+    let start = Instant::now();
+    let shown = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            header.seq.fetch_add(1, Ordering::Release);
+        });
+        run(&mut session_on(&reader), "show")
+    });
+    assert!(shown.expect("show").starts_with("GRP"));
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    // Never ends: busy after the wait, and the count is left alone.
+    header.seq.fetch_add(1, Ordering::Relaxed);
+    let seq = f.table.seq();
+    let start = Instant::now();
+    match run(&mut session_on(&reader), "show") {
+        Err((text, 75)) => assert!(text.contains("kept changing"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(start.elapsed() >= Duration::from_secs(2));
+    assert_eq!(f.table.seq(), seq);
+}
+
 /// `create` on a port the workers admit already returns at once and quietly; when the
 /// daemon is gone it says so instead of waiting.
 #[test]
