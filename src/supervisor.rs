@@ -564,7 +564,8 @@ impl Supervisor {
                 self.log(
                     Priority::Notice,
                     format!(
-                        "channel {channel} of group {group} ({addr}) disabled after a failed connect; enable it again with balance -i once the problem is solved"
+                        // The original's words first: log watchers look for them.
+                        "{addr} needs to be enabled manually using balance -i after the problem is solved (channel {channel} of group {group}, disabled after a failed connect)"
                     ),
                 );
             }

@@ -166,9 +166,15 @@ fn daemon_events_reach_syslog() {
             "failing over to group 0 channel 0",
         ],
     );
+    // The original's line, which log watchers look for, starts the message.
     rx.expect(
         DAEMON_NOTICE,
-        &["channel 1 of group 0", "disabled after a failed connect"],
+        &[
+            &format!(
+                "{ident} {dead} needs to be enabled manually using balance -i after the problem is solved"
+            ),
+            "channel 1 of group 0",
+        ],
     );
     // The supervisor also records the change it observes in the table.
     rx.expect(
