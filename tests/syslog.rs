@@ -159,9 +159,8 @@ fn daemon_events_reach_syslog() {
     rx.expect(
         DAEMON_NOTICE,
         &[
-            "worker ",
-            "connection failed group 0 channel 1",
-            &dead,
+            &format!("{ident} connection failed group 0 channel 1 ({dead})"),
+            "(worker ",
             "Connection refused",
             "failing over to group 0 channel 0",
         ],

@@ -912,7 +912,9 @@ fn handle_message(
             true
         }
         Message::Log { priority, text } => {
-            sup.log(priority, format!("worker {slot}: {text}"));
+            // The worker last: a line the original logged ("connection failed group G
+            // channel C") starts the message, where log watchers look for it.
+            sup.log(priority, format!("{text} (worker {slot})"));
             true
         }
         Message::Disable {
