@@ -63,9 +63,20 @@ set_aside=()
 # set_aside FILE: moves FILE (or the symlink), if there is one, to FILE.ci-aside until
 # restore_set_aside, which also removes what was put in its place.
 set_aside() {
+    if [ -e "$1.ci-aside" ] || [ -L "$1.ci-aside" ]; then
+        echo "$1.ci-aside exists: not setting $1 aside over it" >&2
+        return 1
+    fi
     if [ -e "$1" ] || [ -L "$1" ]; then mv -T "$1" "$1.ci-aside"; fi
     set_aside+=("$1")
 }
+# What a run killed in the middle of the upgrade left set aside goes back first.
+for f in /usr/sbin/policy-rc.d /usr/sbin/runlevel; do
+    if [ -e "$f.ci-aside" ] || [ -L "$f.ci-aside" ]; then
+        mv -fT "$f.ci-aside" "$f"
+        echo "put $f back (set aside by an earlier run that was cut short)"
+    fi
+done
 restore_set_aside() {
     local f
     for f in "${set_aside[@]}"; do
@@ -92,6 +103,16 @@ cleanup() {
         adduser --system --group --no-create-home --home /nonexistent balance >/dev/null
 }
 trap cleanup EXIT
+
+# forget_pids PID...: takes processes seen gone off the list (their pids may be reused).
+forget_pids() {
+    local keep=() p q
+    for p in "${pids[@]}"; do
+        for q in "$@"; do [ "$p" = "$q" ] && continue 2; done
+        keep+=("$p")
+    done
+    pids=("${keep[@]}")
+}
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -512,6 +533,7 @@ check "dpkg -i of version ${version}+ci1 (an upgrade, service actions allowed)" 
     [ "$upgrade_rc" -eq 0 ]
 check "the upgrade stopped both daemons ($old1 $old2)" wait_for 15 bash -c "
     $(declare -f gone); gone $old1 && gone $old2"
+gone "$old1" && gone "$old2" && forget_pids "$old1" "$old2"
 new1=$(cat /run/balance/ci_rr.pid 2>/dev/null || echo 0)
 new2=$(cat /run/balance/ci_bound.pid 2>/dev/null || echo 0)
 pids+=("$new1" "$new2")

@@ -125,9 +125,11 @@ pub struct ChannelCounters {
 
 /// Words of the admitted-ports bitmap: one bit per TCP port.
 const PORT_WORDS: usize = (1 << 16) / 64;
-/// Audit records the ring holds. A control shell does not make a change while the ring
-/// holds this many records the supervisor has not read ([`Writer::audit_room`]); a writer
-/// that appends anyway overwrites the oldest, and the supervisor says how many it lost.
+/// Audit records the ring holds. A control shell makes no change while fewer than two
+/// slots are free of records the supervisor has not read ([`Writer::audit_room`]): the
+/// last one is kept for the record of a writer that died mid-change, which the next
+/// update makes before anything else. A writer that appends anyway overwrites the oldest,
+/// and the supervisor says how many it lost.
 pub const AUDIT_SLOTS: usize = 256;
 /// Bytes of text an audit record holds; longer text is cut (at a character boundary).
 pub const AUDIT_TEXT: usize = 240;
@@ -356,6 +358,12 @@ impl Table {
     /// Records appended to the audit ring since start (a lock-free look).
     pub fn audit_next(&self) -> u64 {
         self.layout().audit.next.load(Ordering::Acquire)
+    }
+
+    /// [`Writer::audit_room`] at a lock-free look: a shell waiting for room takes the lock
+    /// only when there seems to be some.
+    pub fn audit_room(&self) -> bool {
+        ring_has_room(&self.layout().audit)
     }
 
     /// Tells writers that the records before `next` are read and their slots free
@@ -704,6 +712,17 @@ fn check_size(file: &File) -> Result<(), TableError> {
     Ok(())
 }
 
+/// Whether two slots of the ring are free of unread records: one for a change's record,
+/// one kept for a dead writer's. A count set back below the read mark (by a hand on the
+/// file) reads as full until the supervisor follows it, at its next look.
+fn ring_has_room(ring: &AuditRing) -> bool {
+    let unread = ring
+        .next
+        .load(Ordering::Acquire)
+        .wrapping_sub(ring.read.load(Ordering::Acquire));
+    unread < AUDIT_SLOTS as u64 - 1
+}
+
 /// Sets the `shutdown` flag to `by` (never 0) unless it is set already.
 fn mark_stopping(shutdown: &AtomicU32, by: u32) {
     let _ = shutdown.compare_exchange(0, by.max(1), Ordering::AcqRel, Ordering::Relaxed);
@@ -777,16 +796,9 @@ impl Writer<'_> {
         mark_stopping(&self.layout.header.shutdown, by);
     }
 
-    /// Whether the audit ring has a free slot: fewer than [`AUDIT_SLOTS`] records appended
-    /// that the supervisor has not read. A count set back below the read mark (by a hand on
-    /// the file) reads as full until the supervisor follows it, at its next look.
+    /// Whether the audit ring has room for a change's record (see [`AUDIT_SLOTS`]).
     pub fn audit_room(&self) -> bool {
-        let ring = &self.layout.audit;
-        let unread = ring
-            .next
-            .load(Ordering::Relaxed)
-            .wrapping_sub(ring.read.load(Ordering::Acquire));
-        unread < AUDIT_SLOTS as u64
+        ring_has_room(&self.layout.audit)
     }
 
     /// Appends a line to the audit ring for the supervisor to log (cut to [`AUDIT_TEXT`]

@@ -388,24 +388,41 @@ impl Session<'_> {
     /// [`Self::write`] for a change: refused as [`Failure::NoMaster`] once the instance is
     /// stopping (the supervisor reads the audit ring a last time after it marks it so,
     /// under the lock: a change it would not log is not made). Made only while the audit
-    /// ring has a free slot for its record: the shell waits, without the lock, for the
-    /// supervisor to read the ring, and after [`AUDIT_WAIT`] refuses the change as
+    /// ring has room for its record: the shell waits, without the lock, for the supervisor
+    /// to read the ring, and after [`AUDIT_WAIT`] refuses the change as
     /// [`Failure::AuditFull`] rather than overwrite records nobody has logged.
     pub(super) fn change<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, Failure> {
-        let deadline = Instant::now() + AUDIT_WAIT;
+        self.change_waiting(AUDIT_WAIT, f)
+    }
+
+    /// [`Self::change`], waiting at most `wait` for room in the audit ring (none: one try).
+    pub(super) fn change_waiting<R>(
+        &self,
+        wait: Duration,
+        f: impl FnOnce(&Writer<'_>) -> R,
+    ) -> Result<R, Failure> {
+        let deadline = Instant::now() + wait;
         let mut f = Some(f);
         loop {
-            let made = self.write(|w| {
-                if w.stopping() {
-                    return Err(Failure::NoMaster);
+            // A look without the lock first: an empty update per poll would move the
+            // generation on, and make every worker and the supervisor read the table anew.
+            if self.table.audit_room() {
+                let made = self.write(|w| {
+                    if w.stopping() {
+                        return Err(Failure::NoMaster);
+                    }
+                    if !w.audit_room() {
+                        return Ok(None);
+                    }
+                    Ok(f.take().map(|f| f(w)))
+                })??;
+                if let Some(r) = made {
+                    return Ok(r);
                 }
-                if !w.audit_room() {
-                    return Ok(None);
-                }
-                Ok(f.take().map(|f| f(w)))
-            })??;
-            if let Some(r) = made {
-                return Ok(r);
+            }
+            // A master that died meanwhile will never read the ring.
+            if !access::master_alive(self.file).map_err(|e| Failure::Table(e.into()))? {
+                return Err(Failure::NoMaster);
             }
             if Instant::now() >= deadline {
                 return Err(Failure::AuditFull);

@@ -191,8 +191,9 @@ impl Failure {
             ),
             Failure::AuditFull => writeln!(
                 err,
-                "balance: change not made: the master has not logged the last {AUDIT_SLOTS} \
-                 changes' audit records for {} s (is it stopped?); try again",
+                "balance: change not made: the master has not logged the audit records of \
+                 the last {} changes for {} s (is it stopped?); try again",
+                AUDIT_SLOTS - 1,
                 commands::AUDIT_WAIT.as_secs()
             ),
             Failure::Table(e) => writeln!(err, "balance: {}: {e}", path.display()),
@@ -476,12 +477,14 @@ impl Session<'_> {
 
     /// Puts an instance-wide action (`kill`) on record: in the table's audit ring, which the
     /// supervisor (owner of the daemon's syslog connection) logs within 200 ms, so that the
-    /// record does not depend on this shell reaching syslog. Straight to syslog only when
-    /// the ring cannot be written (the writer lock is stuck). Refused, like any change, as
+    /// record does not depend on this shell reaching syslog. Straight to syslog when the
+    /// ring cannot be written (the writer lock is stuck, or the ring stays full of records
+    /// the supervisor has not read for longer than one of its looks: `kill` waits for a
+    /// supervisor that runs, not for a stopped one). Refused, like any change, as
     /// [`Failure::NoMaster`] once the instance is stopping.
     pub(super) fn record(&self, event: &AuditEvent) -> Result<(), Failure> {
         let text = event.to_string();
-        match self.change(|w| w.append_audit(&text)) {
+        match self.change_waiting(RECORD_WAIT, |w| w.append_audit(&text)) {
             Err(Failure::NoMaster) => Err(Failure::NoMaster),
             Err(_) => {
                 self.logger.borrow_mut().audit(Priority::Notice, &text);
@@ -517,6 +520,10 @@ impl Session<'_> {
         f.report(self.path, out, err)
     }
 }
+
+/// How long an instance-wide record waits for room in the audit ring: more than one of the
+/// supervisor's looks (200 ms apart).
+const RECORD_WAIT: Duration = Duration::from_millis(300);
 
 /// The longest shell line taken in. The rest of a longer line is read and dropped, and the
 /// line is a syntax error: input cannot make the shell hold more than this (the original read

@@ -780,11 +780,11 @@ fn reopen_writable(f: &Fixture) -> (File, Table) {
     (file, table)
 }
 
-/// Fills the audit ring with records nobody has read.
+/// Fills the audit ring with records nobody has read, up to the last two slots.
 fn fill_audit_ring(f: &Fixture) {
     f.table
         .update(|w| {
-            for i in 0..AUDIT_SLOTS {
+            for i in 0..AUDIT_SLOTS - 2 {
                 w.append_audit(&format!("filler {i}"));
             }
         })
@@ -801,15 +801,24 @@ fn a_change_waits_for_room_in_the_audit_ring_and_no_record_is_lost() {
     let mut s = session(&f);
     let done = std::sync::atomic::AtomicBool::new(false);
     let changes = 3 * AUDIT_SLOTS;
-    let (lines, lost) = std::thread::scope(|scope| {
-        // The supervisor's part: a look every 50 ms, each marking what it read.
+    let (lines, lost, was_full) = std::thread::scope(|scope| {
+        // The supervisor's part: it first lets the shell fill the ring (so that the shell
+        // has to wait, however slow this machine is), then looks every 50 ms, each time
+        // marking what it read.
         let reader = scope.spawn(|| {
             let (_file, table) = reopen_writable(&f);
-            let (mut lines, mut lost, mut next) = (Vec::new(), 0, 0);
             let deadline = Instant::now() + Duration::from_secs(60);
+            let full = |t: &Table| t.audit_next() >= AUDIT_SLOTS as u64 - 1;
+            while !full(&table) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let was_full = full(&table);
+            // Still full a while later: the shell waits rather than overwrite.
+            std::thread::sleep(Duration::from_millis(100));
+            let was_full = was_full && table.audit_next() == AUDIT_SLOTS as u64 - 1;
+            let (mut lines, mut lost, mut next) = (Vec::new(), 0, 0);
             let mut last_look = false;
             while Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
                 let finished = last_look;
                 last_look = done.load(Ordering::Acquire);
                 let batch = table.read_audit(next);
@@ -820,8 +829,9 @@ fn a_change_waits_for_room_in_the_audit_ring_and_no_record_is_lost() {
                 if finished {
                     break;
                 }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            (lines, lost)
+            (lines, lost, was_full)
         });
         for i in 0..changes {
             let line = if i % 2 == 0 { "disable 1" } else { "enable 1" };
@@ -830,6 +840,7 @@ fn a_change_waits_for_room_in_the_audit_ring_and_no_record_is_lost() {
         done.store(true, Ordering::Release);
         reader.join().expect("reader")
     });
+    assert!(was_full, "the shell never had to wait");
     assert_eq!(lost, 0);
     assert_eq!(lines.len(), changes);
     let disables = lines
@@ -840,13 +851,18 @@ fn a_change_waits_for_room_in_the_audit_ring_and_no_record_is_lost() {
 }
 
 /// With the ring full and nobody reading it (the supervisor stopped), a change is not made
-/// after the wait, and says why (exit 75); the unread records stay as they were. Once the
-/// ring is read, the same change goes through.
+/// after the wait, and says why (exit 75); the unread records stay as they were, and the
+/// slot kept for a dead writer's record takes it without overwriting any. Once the ring
+/// is read, the same change goes through; a master gone meanwhile is said at once.
 #[test]
 fn with_the_audit_ring_full_and_unread_a_change_is_refused() {
-    let f = three_channels("audit-full", true);
+    let mut f = three_channels("audit-full", true);
+    // The master's lock, held here so that it can be let go of below.
+    let master = f.master.take();
     let mut s = session(&f);
     fill_audit_ring(&f);
+    // One record's room left: this change takes it.
+    ok(&mut s, "maxc 2 4");
     let start = Instant::now();
     match run(&mut s, "disable 0") {
         Err((text, 75)) => assert!(
@@ -858,15 +874,36 @@ fn with_the_audit_ring_full_and_unread_a_change_is_refused() {
     assert!(start.elapsed() >= commands::AUDIT_WAIT);
     let snap = f.table.snapshot().expect("snapshot");
     assert!(snap.groups[0].channels[0].enabled);
+    // A writer died mid-update: its record goes to the kept slot.
+    let header = f.table.header();
+    header.seq.fetch_add(1, Ordering::Relaxed);
+    assert!(ok(&mut s, "show").contains("127.0.0.1"));
     let batch = f.table.read_audit(0);
     assert_eq!((batch.lines.len(), batch.lost), (AUDIT_SLOTS, 0));
     assert_eq!(batch.lines[0], "filler 0");
-    // Looking needs no room.
-    assert!(ok(&mut s, "show").contains("127.0.0.1"));
+    assert!(batch.lines[AUDIT_SLOTS - 2].ends_with("maxc group 0 channel 2: 0 -> 4"));
+    assert!(batch.lines[AUDIT_SLOTS - 1].contains("previous writer died"));
     f.table.audit_read_up_to(batch.next);
     ok(&mut s, "disable 0");
     assert!(!f.table.snapshot().expect("snapshot").groups[0].channels[0].enabled);
     let after = f.table.read_audit(batch.next);
     assert_eq!(after.lines.len(), 1);
     assert!(after.lines[0].ends_with("disable group 0 channel 0: enabled -> disabled"));
+    // Full again, and the master dies during the wait: no waiting on for a reader that
+    // will never come.
+    fill_audit_ring(&f);
+    let start = Instant::now();
+    let refused = std::thread::scope(|scope| {
+        scope.spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(master);
+        });
+        run(&mut s, "enable 0")
+    });
+    match refused {
+        Err((text, 69)) => assert_eq!(text, "no master process, exiting.\n"),
+        other => panic!("{other:?}"),
+    }
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    assert!(start.elapsed() < commands::AUDIT_WAIT / 2);
 }
