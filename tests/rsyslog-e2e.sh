@@ -72,7 +72,7 @@ check "start-up on record" "Balance\[$pid\]: balance .* started: listening on 12
 check "privilege drop on record" "Balance\[$pid\]: privileges dropped to user balance"
 
 python3 -c "import socket; s=socket.create_connection(('127.0.0.1',$port)); print(s.recv(10))"
-check "connection line" "Balance\[$pid\]: worker .*: connection from 127.0.0.1:.* bytes up"
+check "connection line" "Balance\[$pid\]: connection from 127.0.0.1:.* bytes up.* (worker [0-9]*)"
 
 "$bin" --run-dir "$work/run" --syslog-socket "$work/log" -b 127.0.0.1 -c "disable 0" "$port"
 check "audit of the control command" "uid 0 (root) pid [0-9]*: disable group 0 channel 0: enabled -> disabled"
