@@ -34,6 +34,7 @@ use std::io;
 use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
@@ -60,6 +61,9 @@ const SEQLOCK_RETRIES: usize = 1000;
 const FAMILY_V4: u32 = 4;
 const FAMILY_V6: u32 = 6;
 
+/// The table's first 64 bytes. `magic`, `layout_version` and `release` keep their offsets
+/// in every layout version, so that a balance of one release can tell a table of another
+/// from a foreign file.
 #[repr(C)]
 pub struct Header {
     pub magic: AtomicU64,
@@ -191,6 +195,10 @@ pub const TABLE_SIZE: usize = size_of::<Layout>();
 
 const _: () = {
     assert!(size_of::<Header>() == 64);
+    // Where every layout version keeps its stamp (`read_stamp`).
+    assert!(offset_of!(Header, magic) == 0);
+    assert!(offset_of!(Header, layout_version) == 8);
+    assert!(offset_of!(Header, release) == 52);
     assert!(size_of::<Group>() == 16);
     assert!(size_of::<Channel>() == 64);
     assert!(size_of::<ChannelCounters>() == 32);
@@ -294,9 +302,16 @@ pub struct InitialGroup {
 #[derive(Debug)]
 pub enum TableError {
     Io(io::Error),
-    WrongSize { size: u64 },
+    WrongSize {
+        size: u64,
+    },
     WrongMagic,
-    Incompatible { version: u32 },
+    /// Another layout version's table (or one built with other limits), with the release of
+    /// balance that made it when the file says.
+    Incompatible {
+        version: u32,
+        release: Option<[u32; 3]>,
+    },
     NotReady,
     Lock(LockError),
 }
@@ -309,15 +324,22 @@ impl std::fmt::Display for TableError {
                 f,
                 "table file has {size} bytes, expected {TABLE_SIZE}: not a balance table"
             ),
-            TableError::Incompatible { version } if *version == LAYOUT_VERSION => write!(
+            TableError::Incompatible { version, .. } if *version == LAYOUT_VERSION => write!(
                 f,
                 "incompatible table layout: made for other sizes or limits than this balance's"
             ),
             TableError::WrongMagic => write!(f, "not a balance table (wrong magic number)"),
-            TableError::Incompatible { version } => write!(
-                f,
-                "incompatible table layout version {version} (this balance understands {LAYOUT_VERSION})"
-            ),
+            TableError::Incompatible { version, release } => {
+                write!(f, "incompatible table layout version {version}")?;
+                if let Some([major, minor, patch]) = release {
+                    write!(f, ", made by balance {major}.{minor}.{patch}")?;
+                }
+                write!(
+                    f,
+                    " (this balance, {}, understands version {LAYOUT_VERSION})",
+                    crate::VERSION
+                )
+            }
             TableError::NotReady => write!(f, "table is not initialised"),
             TableError::Lock(e) => write!(f, "{e}"),
         }
@@ -464,13 +486,14 @@ impl Table {
             return Err(TableError::WrongMagic);
         }
         let version = h.layout_version.load(Ordering::Relaxed);
+        let release = Some(h.release.each_ref().map(|p| p.load(Ordering::Relaxed)));
         if version != LAYOUT_VERSION
             || h.total_size.load(Ordering::Relaxed) != TABLE_SIZE as u32
             || h.max_groups.load(Ordering::Relaxed) != MAX_GROUPS as u32
             || h.max_channels.load(Ordering::Relaxed) != MAX_CHANNELS as u32
             || h.max_workers.load(Ordering::Relaxed) != MAX_WORKERS as u32
         {
-            return Err(TableError::Incompatible { version });
+            return Err(TableError::Incompatible { version, release });
         }
         if h.ready.load(Ordering::Acquire) != 1 {
             return Err(TableError::NotReady);
@@ -703,13 +726,45 @@ impl Table {
     }
 }
 
-/// A table file has exactly the layout's size: mapping more would fault at the tail.
+/// A table file has exactly the layout's size: mapping more would fault at the tail. One of
+/// another layout version (which may have another size) is said to be that, not foreign.
 fn check_size(file: &File) -> Result<(), TableError> {
     let size = file.metadata()?.len();
     if size != TABLE_SIZE as u64 {
+        if let Some((version, release)) = read_stamp(file) {
+            if version != LAYOUT_VERSION {
+                return Err(TableError::Incompatible {
+                    version,
+                    release: Some(release),
+                });
+            }
+        }
         return Err(TableError::WrongSize { size });
     }
     Ok(())
+}
+
+/// The layout version and the creator's release of a table file of any layout version, read
+/// from the file without mapping it; None when it does not start with the magic number.
+/// These three fields stay where they are in every layout version (see [`Header`]).
+fn read_stamp(file: &File) -> Option<(u32, [u32; 3])> {
+    let mut bytes = [0u8; size_of::<Header>()];
+    file.read_exact_at(&mut bytes, 0).ok()?;
+    let word = |at: usize| {
+        let mut four = [0u8; 4];
+        four.copy_from_slice(&bytes[at..at + 4]);
+        u32::from_le_bytes(four)
+    };
+    let mut eight = [0u8; 8];
+    eight.copy_from_slice(&bytes[..8]);
+    if u64::from_le_bytes(eight) != MAGIC {
+        return None;
+    }
+    let release = offset_of!(Header, release);
+    Some((
+        word(offset_of!(Header, layout_version)),
+        [word(release), word(release + 4), word(release + 8)],
+    ))
 }
 
 /// Whether two slots of the ring are free of unread records: one for a change's record,
@@ -1176,7 +1231,7 @@ mod tests {
         table.header().layout_version.store(99, Ordering::Relaxed);
         assert!(matches!(
             Table::open(&file, false),
-            Err(TableError::Incompatible { version: 99 })
+            Err(TableError::Incompatible { version: 99, .. })
         ));
         table.header().magic.store(0, Ordering::Relaxed);
         assert!(matches!(

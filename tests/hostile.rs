@@ -436,15 +436,19 @@ enum Spoil {
     Truncated,
     Magic,
     Version,
+    /// Another layout version with another size: a table of another release, not a
+    /// foreign file.
+    VersionAndSize,
     Geometry,
 }
 
 impl Spoil {
-    const ALL: [Spoil; 5] = [
+    const ALL: [Spoil; 6] = [
         Spoil::Empty,
         Spoil::Truncated,
         Spoil::Magic,
         Spoil::Version,
+        Spoil::VersionAndSize,
         Spoil::Geometry,
     ];
 
@@ -461,6 +465,13 @@ impl Spoil {
                 std::mem::offset_of!(Header, layout_version),
                 LAYOUT_VERSION + 1,
             ),
+            Spoil::VersionAndSize => {
+                put(
+                    std::mem::offset_of!(Header, layout_version),
+                    LAYOUT_VERSION + 1,
+                );
+                file.set_len(TABLE_SIZE as u64 + 65536).expect("extend");
+            }
             Spoil::Geometry => put(std::mem::offset_of!(Header, max_channels), 128),
         }
     }
@@ -473,11 +484,13 @@ impl Spoil {
                 matches!(err, TableError::WrongSize { size } if *size == TABLE_SIZE as u64 - 1)
             }
             Spoil::Magic => matches!(err, TableError::WrongMagic),
-            Spoil::Version => {
-                matches!(err, TableError::Incompatible { version } if *version == LAYOUT_VERSION + 1)
-            }
+            Spoil::Version | Spoil::VersionAndSize => matches!(
+                err,
+                TableError::Incompatible { version, release: Some(r) }
+                    if *version == LAYOUT_VERSION + 1 && *r == balance::VERSION_PARTS
+            ),
             Spoil::Geometry => {
-                matches!(err, TableError::Incompatible { version } if *version == LAYOUT_VERSION)
+                matches!(err, TableError::Incompatible { version, .. } if *version == LAYOUT_VERSION)
             }
         }
     }
@@ -489,9 +502,12 @@ impl Spoil {
             Spoil::Empty => format!("table file has 0 bytes, {size}"),
             Spoil::Truncated => format!("table file has {} bytes, {size}", TABLE_SIZE - 1),
             Spoil::Magic => "not a balance table (wrong magic number)".into(),
-            Spoil::Version => format!(
-                "incompatible table layout version {} (this balance understands {LAYOUT_VERSION})",
-                LAYOUT_VERSION + 1
+            Spoil::Version | Spoil::VersionAndSize => format!(
+                "incompatible table layout version {}, made by balance {} (this balance, {}, \
+                 understands version {LAYOUT_VERSION})",
+                LAYOUT_VERSION + 1,
+                balance::VERSION,
+                balance::VERSION
             ),
             Spoil::Geometry => "incompatible table layout".into(),
         }

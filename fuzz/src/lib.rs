@@ -259,7 +259,9 @@ pub fn check_table_bytes(fixture: &TableFixture, data: &[u8]) -> usize {
     let table = match (Table::open(&fixture.file, false), expected) {
         (Ok(table), Expected::Ok) => table,
         (Err(TableError::WrongMagic), Expected::WrongMagic) => return 0,
-        (Err(TableError::Incompatible { version }), Expected::Incompatible(v)) if version == v => {
+        (Err(TableError::Incompatible { version, .. }), Expected::Incompatible(v))
+            if version == v =>
+        {
             return 0
         }
         (Err(TableError::NotReady), Expected::NotReady) => return 0,
