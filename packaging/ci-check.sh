@@ -70,21 +70,26 @@ set_aside() {
     if [ -e "$1" ] || [ -L "$1" ]; then mv -T "$1" "$1.ci-aside"; fi
     set_aside+=("$1")
 }
-# What a run killed in the middle of the upgrade left set aside goes back first.
-for f in /usr/sbin/policy-rc.d /usr/sbin/runlevel; do
-    if [ -e "$f.ci-aside" ] || [ -L "$f.ci-aside" ]; then
-        mv -fT "$f.ci-aside" "$f"
-        echo "put $f back (set aside by an earlier run that was cut short)"
+# put_back FILE [SAY]: FILE.ci-aside, if there is one, becomes FILE again (over what stood
+# in its place), and SAY is printed.
+put_back() {
+    if [ -e "$1.ci-aside" ] || [ -L "$1.ci-aside" ]; then
+        mv -fT "$1.ci-aside" "$1"
+        [ -z "${2:-}" ] || echo "$2"
     fi
-done
+}
 restore_set_aside() {
     local f
     for f in "${set_aside[@]}"; do
         rm -f "$f"
-        if [ -e "$f.ci-aside" ] || [ -L "$f.ci-aside" ]; then mv -T "$f.ci-aside" "$f"; fi
+        put_back "$f"
     done
     set_aside=()
 }
+# What a run killed in the middle of the upgrade left set aside goes back first.
+for f in /usr/sbin/policy-rc.d /usr/sbin/runlevel; do
+    put_back "$f" "put $f back (set aside by an earlier run that was cut short)"
+done
 cleanup() {
     set +e
     restore_set_aside

@@ -750,20 +750,14 @@ fn check_size(file: &File) -> Result<(), TableError> {
 fn read_stamp(file: &File) -> Option<(u32, [u32; 3])> {
     let mut bytes = [0u8; size_of::<Header>()];
     file.read_exact_at(&mut bytes, 0).ok()?;
-    let word = |at: usize| {
-        let mut four = [0u8; 4];
-        four.copy_from_slice(&bytes[at..at + 4]);
-        u32::from_le_bytes(four)
-    };
-    let mut eight = [0u8; 8];
-    eight.copy_from_slice(&bytes[..8]);
-    if u64::from_le_bytes(eight) != MAGIC {
+    let word = |at: usize| Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    if u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) != MAGIC {
         return None;
     }
     let release = offset_of!(Header, release);
     Some((
-        word(offset_of!(Header, layout_version)),
-        [word(release), word(release + 4), word(release + 8)],
+        word(offset_of!(Header, layout_version))?,
+        [word(release)?, word(release + 4)?, word(release + 8)?],
     ))
 }
 

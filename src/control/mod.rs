@@ -496,26 +496,21 @@ impl Session<'_> {
 
     /// Reports a failed command; a refused change also goes to the audit trail.
     fn fail(&self, f: &Failure, out: &mut dyn Write, err: &mut dyn Write) -> io::Result<()> {
-        if let Failure::ReadOnly(cmd) = f {
-            self.logger.borrow_mut().audit(
-                Priority::Warning,
-                &format!(
-                    "{}: refused {cmd} on {}: read-only access",
-                    caller(),
-                    self.path.display()
-                ),
-            );
-        }
-        if let Failure::AuditFull = f {
-            self.logger.borrow_mut().audit(
-                Priority::Warning,
-                &format!(
-                    "{}: a change on {} was not made: the audit ring stayed full of records \
-                     the master had not logged",
-                    self.who(),
-                    self.path.display()
-                ),
-            );
+        let why = match f {
+            Failure::ReadOnly(cmd) => Some(format!(
+                "refused {cmd} on {}: read-only access",
+                self.path.display()
+            )),
+            Failure::AuditFull => Some(format!(
+                "a change on {} was not made: the audit ring stayed full of records the master \
+                 had not logged",
+                self.path.display()
+            )),
+            _ => None,
+        };
+        if let Some(why) = why {
+            let line = format!("{}: {why}", self.who());
+            self.logger.borrow_mut().audit(Priority::Warning, &line);
         }
         f.report(self.path, out, err)
     }

@@ -704,11 +704,7 @@ fn show_repairs_a_writer_that_died_mid_update() {
 #[test]
 fn a_read_only_show_waits_out_a_write_in_progress() {
     let f = three_channels("wait-write", true);
-    let (_file, reader) = {
-        let file = File::open(&f.path).expect("reopen");
-        let table = Table::open(&file, false).expect("map");
-        (file, table)
-    };
+    let (_file, reader) = reopen(&f, false);
     let session_on = |table| Session {
         table,
         ..session(&f)
@@ -769,14 +765,15 @@ fn a_new_port_is_awaited_only_while_the_daemon_serves() {
     );
 }
 
-/// A second writable mapping of the fixture's table, as the supervisor has its own.
-fn reopen_writable(f: &Fixture) -> (File, Table) {
+/// A second mapping of the fixture's table: writable as the supervisor has its own, or
+/// read-only as a member of the control group has it.
+fn reopen(f: &Fixture, writable: bool) -> (File, Table) {
     let file = OpenOptions::new()
         .read(true)
-        .write(true)
+        .write(writable)
         .open(&f.path)
         .expect("reopen");
-    let table = Table::open(&file, true).expect("map");
+    let table = Table::open(&file, writable).expect("map");
     (file, table)
 }
 
@@ -806,7 +803,7 @@ fn a_change_waits_for_room_in_the_audit_ring_and_no_record_is_lost() {
         // has to wait, however slow this machine is), then looks every 50 ms, each time
         // marking what it read.
         let reader = scope.spawn(|| {
-            let (_file, table) = reopen_writable(&f);
+            let (_file, table) = reopen(&f, true);
             let deadline = Instant::now() + Duration::from_secs(60);
             let full = |t: &Table| t.audit_next() >= AUDIT_SLOTS as u64 - 1;
             while !full(&table) && Instant::now() < deadline {
