@@ -850,6 +850,16 @@ impl Writer<'_> {
         ring_has_room(&self.layout.audit)
     }
 
+    /// How many records have ever been appended to the audit ring (wrapping).
+    pub fn audit_written(&self) -> u64 {
+        self.layout.audit.next.load(Ordering::Relaxed)
+    }
+
+    /// How many channels group `g` has, or None for a bad group.
+    pub fn channels(&self, g: usize) -> Option<usize> {
+        self.layout.groups.get(g).map(channel_count)
+    }
+
     /// Appends a line to the audit ring for the supervisor to log (cut to [`AUDIT_TEXT`]
     /// bytes at a character boundary). The oldest record is overwritten when the ring is
     /// full.

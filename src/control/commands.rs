@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::{access, format, AuditEvent, Failure, Reply, Session};
 use crate::cli::{self, Services};
 use crate::futex::LockError;
-use crate::table::{GroupKind, Snapshot, TableError, Writer, MAX_GROUPS};
+use crate::table::{GroupKind, Snapshot, TableError, Writer, MAX_CHANNELS, MAX_GROUPS};
 
 /// How long `kill` waits for the master to let go of the table. The supervisor notices the
 /// flag within 200 ms, kills its workers and waits up to 5 s for them to be reaped.
@@ -262,6 +262,15 @@ pub fn resolve(
     crate::supervisor::lookup_host(host, port).ok_or("invalid address")
 }
 
+/// What a change's closure decided under the lock ([`Session::change`]).
+pub(super) enum Step<R> {
+    /// The answer: the change made and on record, or nothing changed (a refusal, or
+    /// nothing to do).
+    Done(R),
+    /// A change to make, left unmade: the audit ring has no room for its record yet.
+    Wait,
+}
+
 fn rejected(text: impl Into<String>) -> Failure {
     Failure::Rejected(text.into())
 }
@@ -302,9 +311,15 @@ impl Session<'_> {
             Command::Reset(n) => {
                 let event = self
                     .change(|w| {
-                        let (t, s, r) = w.reset_counters(g, index(n)?)?;
+                        let Some(c) = index(n).filter(|&c| w.config(g, c).is_some()) else {
+                            return Step::Done(None);
+                        };
+                        if !w.audit_room() {
+                            return Step::Wait;
+                        }
+                        let (t, s, r) = w.reset_counters(g, c).unwrap_or_default();
                         let old = format!("totalc {t} sent {s} rcvd {r}");
-                        Some(recorded(w, self.event(cmd, Some(n), old, "0")))
+                        Step::Done(Some(recorded(w, self.event(cmd, Some(n), old, "0"))))
                     })?
                     .ok_or_else(|| rejected(format!("no such channel {n}")))?;
                 Ok(Reply::changed(
@@ -315,10 +330,17 @@ impl Session<'_> {
             Command::Maxc { channel, maxc } => {
                 let event = self
                     .change(|w| {
-                        let old = w.set_maxc(g, index(channel)?, maxc)?;
+                        let Some((c, ch)) = index(channel).and_then(|c| Some((c, w.config(g, c)?)))
+                        else {
+                            return Step::Done(None);
+                        };
+                        if !w.audit_room() {
+                            return Step::Wait;
+                        }
+                        w.set_maxc(g, c, maxc);
                         let event =
-                            self.event(cmd, Some(channel), old.to_string(), maxc.to_string());
-                        Some(recorded(w, event))
+                            self.event(cmd, Some(channel), ch.maxc.to_string(), maxc.to_string());
+                        Step::Done(Some(recorded(w, event)))
                     })?
                     .ok_or_else(|| rejected("unknown channel"))?;
                 Ok(Reply::changed(
@@ -388,10 +410,13 @@ impl Session<'_> {
     /// [`Self::write`] for a change: refused as [`Failure::NoMaster`] once the instance is
     /// stopping (the supervisor reads the audit ring a last time after it marks it so,
     /// under the lock: a change it would not log is not made). Made only while the audit
-    /// ring has room for its record: the shell waits, without the lock, for the supervisor
-    /// to read the ring, and after [`AUDIT_WAIT`] refuses the change as
-    /// [`Failure::AuditFull`] rather than overwrite records nobody has logged.
-    pub(super) fn change<R>(&self, f: impl FnOnce(&Writer<'_>) -> R) -> Result<R, Failure> {
+    /// ring has room for its record: `f` checks the command first and answers at once
+    /// when it changes nothing (a refusal, or a channel in the state asked for); a change
+    /// whose record has no room yet it leaves unmade ([`Step::Wait`]), and the shell
+    /// waits, without the lock, for the supervisor to read the ring. After [`AUDIT_WAIT`]
+    /// the change is refused as [`Failure::AuditFull`] rather than overwrite records
+    /// nobody has logged.
+    pub(super) fn change<R>(&self, f: impl FnMut(&Writer<'_>) -> Step<R>) -> Result<R, Failure> {
         self.change_waiting(AUDIT_WAIT, f)
     }
 
@@ -399,24 +424,27 @@ impl Session<'_> {
     pub(super) fn change_waiting<R>(
         &self,
         wait: Duration,
-        f: impl FnOnce(&Writer<'_>) -> R,
+        mut f: impl FnMut(&Writer<'_>) -> Step<R>,
     ) -> Result<R, Failure> {
         let deadline = Instant::now() + wait;
-        let mut f = Some(f);
+        // The first try takes the lock even when the ring looks full, to check the command.
+        let mut first = true;
         loop {
-            // A look without the lock first: an empty update per poll would move the
+            // Then a look without the lock first: an empty update per poll would move the
             // generation on, and make every worker and the supervisor read the table anew.
-            if self.table.audit_room() {
-                let made = self.write(|w| {
+            if first || self.table.audit_room() {
+                first = false;
+                let step = self.write(|w| {
                     if w.stopping() {
                         return Err(Failure::NoMaster);
                     }
-                    if !w.audit_room() {
-                        return Ok(None);
-                    }
-                    Ok(f.take().map(|f| f(w)))
+                    let (room, written) = (w.audit_room(), w.audit_written());
+                    let step = f(w);
+                    // A closure that forgot to check for room would overwrite a record.
+                    debug_assert!(room || w.audit_written() == written);
+                    Ok(step)
                 })??;
-                if let Some(r) = made {
+                if let Step::Done(r) = step {
                     return Ok(r);
                 }
             }
@@ -473,11 +501,18 @@ impl Session<'_> {
         let event = self.event(&cmd, Some(n), old, word);
         let was = self
             .change(|w| {
-                let was = w.set_enabled(g, index(n)?, on)?;
-                if was != on {
-                    w.append_audit(&event.to_string());
+                let Some((c, ch)) = index(n).and_then(|c| Some((c, w.config(g, c)?))) else {
+                    return Step::Done(None);
+                };
+                if ch.enabled == on {
+                    return Step::Done(Some(on));
                 }
-                Some(was)
+                if !w.audit_room() {
+                    return Step::Wait;
+                }
+                w.set_enabled(g, c, on);
+                w.append_audit(&event.to_string());
+                Step::Done(Some(!on))
             })?
             .ok_or_else(|| rejected(format!("no such channel {n}")))?;
         if was == on {
@@ -494,8 +529,17 @@ impl Session<'_> {
         };
         let event = self
             .change(|w| {
-                let old = w.set_kind(g, kind)?;
-                Some(recorded(w, self.event(cmd, None, name(old), name(kind))))
+                if w.channels(g).is_none() {
+                    return Step::Done(None);
+                }
+                if !w.audit_room() {
+                    return Step::Wait;
+                }
+                let old = w.set_kind(g, kind).unwrap_or(kind);
+                Step::Done(Some(recorded(
+                    w,
+                    self.event(cmd, None, name(old), name(kind)),
+                )))
             })?
             .ok_or_else(|| rejected("value out of range"))?;
         Ok(Reply::changed(
@@ -511,10 +555,18 @@ impl Session<'_> {
         let g = self.group;
         let event = self
             .change(|w| {
-                let c = w.create_channel(g, addr)?;
+                if w.channels(g).is_none_or(|n| n >= MAX_CHANNELS) {
+                    return Step::Done(None);
+                }
+                if !w.audit_room() {
+                    return Step::Wait;
+                }
+                let Some(c) = w.create_channel(g, addr) else {
+                    return Step::Done(None);
+                };
                 let mut event = self.event(cmd, None, "-", addr.to_string());
                 event.channel = Some(c);
-                Some(recorded(w, event))
+                Step::Done(Some(recorded(w, event)))
             })?
             .ok_or_else(|| rejected("no channel slots available"))?;
         Ok(Reply::changed("channel created\n", event).awaiting(addr.port()))
@@ -536,14 +588,22 @@ impl Session<'_> {
         }
         let addr = resolve(host, port, &self.services).map_err(rejected)?;
         let event = self.change(|w| {
-            let c = index(n).ok_or("unknown channel")?;
+            let Some(c) = index(n) else {
+                return Step::Done(Err("unknown channel"));
+            };
             match w.config(g, c) {
-                None => Err("unknown channel"),
-                Some(ch) if ch.enabled => Err("channel must be disabled to assign new address"),
+                None => Step::Done(Err("unknown channel")),
+                Some(ch) if ch.enabled => {
+                    Step::Done(Err("channel must be disabled to assign new address"))
+                }
+                Some(_) if !w.audit_room() => Step::Wait,
                 Some(_) => {
                     let old = w.assign(g, c, addr).flatten();
                     let old = old.map_or_else(|| "-".to_string(), |a| a.to_string());
-                    Ok(recorded(w, self.event(cmd, Some(n), old, addr.to_string())))
+                    Step::Done(Ok(recorded(
+                        w,
+                        self.event(cmd, Some(n), old, addr.to_string()),
+                    )))
                 }
             }
         })?;

@@ -41,9 +41,10 @@ use crate::cli::{self, Services, ShellArgs};
 use crate::exitcode::{EX_DATAERR, EX_OSERR, EX_SOFTWARE, EX_UNAVAILABLE};
 use crate::ipc::Priority;
 use crate::log::Logger;
-use crate::table::{Table, TableError, AUDIT_SLOTS};
+use crate::table::{Table, TableError, Writer, AUDIT_SLOTS};
 
 use access::AccessError;
+use commands::Step;
 pub use commands::{Command, ParseError};
 
 use crate::exitcode::{EX_IOERR, EX_NOPERM, EX_TEMPFAIL};
@@ -484,7 +485,14 @@ impl Session<'_> {
     /// [`Failure::NoMaster`] once the instance is stopping.
     pub(super) fn record(&self, event: &AuditEvent) -> Result<(), Failure> {
         let text = event.to_string();
-        match self.change_waiting(RECORD_WAIT, |w| w.append_audit(&text)) {
+        let append = |w: &Writer<'_>| {
+            if !w.audit_room() {
+                return Step::Wait;
+            }
+            w.append_audit(&text);
+            Step::Done(())
+        };
+        match self.change_waiting(RECORD_WAIT, append) {
             Err(Failure::NoMaster) => Err(Failure::NoMaster),
             Err(_) => {
                 self.logger.borrow_mut().audit(Priority::Notice, &text);

@@ -904,3 +904,53 @@ fn with_the_audit_ring_full_and_unread_a_change_is_refused() {
     assert!(start.elapsed() >= Duration::from_millis(300));
     assert!(start.elapsed() < commands::AUDIT_WAIT / 2);
 }
+
+/// With the audit ring full and nobody reading it, a command that changes nothing answers at
+/// once with its own answer: it needs no record. (It waited out the ring and was refused
+/// as "change not made", whatever it was.) A real change still waits.
+#[test]
+fn with_the_audit_ring_full_a_command_that_changes_nothing_answers_at_once() {
+    let f = three_channels("audit-full-noop", true);
+    let mut s = session(&f);
+    ok(&mut s, "disable 1");
+    // With that record, one short of full: no room for another change's.
+    fill_audit_ring(&f);
+    let written = f.table.read_audit(0).next;
+    let start = Instant::now();
+    let refusals = [
+        ("disable 99", "no such channel 99"),
+        ("enable -1", "no such channel -1"),
+        ("reset 3", "no such channel 3"),
+        ("maxc 7 1", "unknown channel"),
+        (
+            "assign 0 127.0.0.1:21009",
+            "channel must be disabled to assign new address",
+        ),
+        ("assign 5 127.0.0.1:21009", "unknown channel"),
+    ];
+    for (line, why) in refusals {
+        match run(&mut s, line) {
+            Err((text, 65)) => assert!(text.contains(why), "{line}: {text}"),
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+    assert_eq!(ok(&mut s, "enable 0"), "channel 0 already enabled\n");
+    assert_eq!(ok(&mut s, "disable 1"), "channel 1 already disabled\n");
+    assert!(start.elapsed() < commands::AUDIT_WAIT / 2);
+    // Nothing was written, and the ring is as full as before.
+    let batch = f.table.read_audit(0);
+    assert_eq!((batch.next, batch.lost), (written, 0));
+    let snap = f.table.snapshot().expect("snapshot");
+    let channels = &snap.groups[0].channels;
+    assert_eq!(channels.len(), 3);
+    assert!(channels[0].enabled && !channels[1].enabled);
+    assert_eq!(channels[0].addr, Some(addr("127.0.0.1:21001")));
+    // A change that is valid waits for room as before, and is refused without a reader.
+    let start = Instant::now();
+    match run(&mut s, "enable 1") {
+        Err((text, 75)) => assert!(text.contains("change not made"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(start.elapsed() >= commands::AUDIT_WAIT);
+    assert!(!f.table.snapshot().expect("snapshot").groups[0].channels[1].enabled);
+}
