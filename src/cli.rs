@@ -910,16 +910,15 @@ fn parse_fields(
 }
 
 /// A channel's maxc: a decimal number, with a leading `-` for a channel never chosen, from
-/// -2147483648 to 4294967295; above 2147483647 (what the table holds) it is 2147483647,
-/// which no worker reaches anyway.
+/// -2147483648 to 2147483647, the range the shell's `maxc` takes. (The original's `atoi`
+/// wrapped larger numbers: 4294967295 became -1, a channel never chosen; such a number is
+/// refused rather than given either meaning quietly.)
 fn signed_maxc(text: &str) -> Option<i32> {
     match text.strip_prefix('-') {
         Some(digits) => decimal(digits)
             .and_then(|n| i64::try_from(n).ok())
             .and_then(|n| i32::try_from(-n).ok()),
-        None => decimal(text)
-            .filter(|&n| n <= u64::from(u32::MAX))
-            .map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
+        None => decimal(text).and_then(|n| i32::try_from(n).ok()),
     }
 }
 
@@ -1528,7 +1527,7 @@ http 80/tcp www
             "h:",
             "h::",
             "h:81:",
-            "h::4294967295",
+            "h::2147483647",
             "h::-1",
             "h::-2147483648",
         ]);
@@ -1538,7 +1537,7 @@ http 80/tcp www
             .map(|c| (c.port, c.maxc))
             .collect();
         // A negative maxc is a channel never chosen, as in the original (`maxc` in the
-        // shell takes it too); the largest counts are as good as no limit.
+        // shell takes it too).
         assert_eq!(
             got,
             [
@@ -1623,6 +1622,8 @@ http 80/tcp www
             ("h::-2147483649", "-2147483649"),
             ("h::3:9", "3:9"),
             ("h::4294967296", "4294967296"),
+            ("h::2147483648", "2147483648"),
+            ("h::4294967295", "4294967295"),
         ] {
             assert_plain(
                 &["80", op],
