@@ -59,8 +59,13 @@ pub enum Message {
         channel: u32,
         addr: SocketAddr,
     },
-    /// A line for the log (syslog, or stderr in the foreground).
-    Log { priority: Priority, text: String },
+    /// A line for the log (syslog, or stderr in the foreground). `notice`: a line that
+    /// could come once per connection, which the supervisor throttles across workers.
+    Log {
+        priority: Priority,
+        text: String,
+        notice: Option<NoticeLine>,
+    },
     /// The worker has stopped accepting (out of descriptors, or draining). Connections
     /// queued on the listeners may have woken only this worker: the others should take them.
     StoppedAccepting,
@@ -68,6 +73,49 @@ pub enum Message {
     // supervisor → worker
     /// Another worker stopped accepting: accept what is queued on the listeners.
     Accept,
+}
+
+/// The notices that are throttled: at most one a second per kind and channel, in each
+/// worker and again in the supervisor across workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Notice {
+    /// The channel reached maxc.
+    Full,
+    /// A connect to the channel failed.
+    Failed,
+    /// No socket could be opened for the channel: the worker is out of descriptors.
+    Shortage,
+    /// The worker stopped accepting: it is out of descriptors (not about a channel).
+    Saturated,
+    /// The `-B` source address could not be bound (not about a channel).
+    Source,
+    /// No channel could take a client: every one is disabled, full or failing.
+    NoChannel,
+}
+
+impl Notice {
+    pub fn priority(self) -> Priority {
+        match self {
+            Notice::NoChannel => Priority::Warning,
+            _ => Priority::Notice,
+        }
+    }
+
+    /// News about one worker (its own descriptors), throttled per worker; the others are
+    /// about a channel or the instance, whichever worker meets them.
+    pub fn per_worker(self) -> bool {
+        matches!(self, Notice::Shortage | Notice::Saturated)
+    }
+}
+
+/// What makes a log line a throttled notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoticeLine {
+    pub kind: Notice,
+    /// The channel (group, index) it is about, if any.
+    pub channel: Option<(u16, u16)>,
+    /// How many like it this worker held back since it last sent one.
+    pub held: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,6 +16,7 @@
 //! The supervisor never touches client bytes.
 
 mod bootstrap;
+mod notices;
 mod pool;
 
 use std::cell::{Cell, RefCell};
@@ -104,6 +105,8 @@ struct Supervisor {
     /// The next audit record of the table's ring to log.
     audit_next: Cell<u64>,
     landlock_warned: Cell<bool>,
+    /// The workers' throttled notices, throttled again across workers.
+    notices: RefCell<notices::Gate>,
     /// `-a` requests that found the table locked, retried at each tick: one per channel,
     /// the latest failure's address and time.
     pending_disables: RefCell<Vec<PendingDisable>>,
@@ -257,6 +260,7 @@ fn supervise(
         last_seen: RefCell::new(last_seen),
         audit_next: Cell::new(0),
         landlock_warned: Cell::new(false),
+        notices: RefCell::new(notices::Gate::default()),
         pending_disables: RefCell::new(Vec::new()),
         disables_said: Cell::new(None),
         wake: tokio::sync::Notify::new(),

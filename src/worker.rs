@@ -37,7 +37,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
-use crate::ipc::{self, Message, Priority, WorkerConfig};
+use crate::ipc::{self, Message, Notice, NoticeLine, Priority, WorkerConfig};
 use crate::relay::{self, Readiness};
 use crate::table::{Snapshot, Table};
 
@@ -261,32 +261,6 @@ enum TimerKind {
     /// One side has ended its direction: check for `--half-close-timeout`; pushed again for
     /// the new deadline while there is traffic.
     HalfClosed,
-}
-
-/// The notices that are throttled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Notice {
-    /// The channel reached maxc.
-    Full,
-    /// A connect to the channel failed.
-    Failed,
-    /// No socket could be opened for the channel: the worker is out of descriptors.
-    Shortage,
-    /// The worker stopped accepting: it is out of descriptors (not about a channel).
-    Saturated,
-    /// The `-B` source address could not be bound (not about a channel).
-    Source,
-    /// No channel could take a client: every one is disabled, full or failing.
-    NoChannel,
-}
-
-impl Notice {
-    fn priority(self) -> Priority {
-        match self {
-            Notice::NoChannel => Priority::Warning,
-            _ => Priority::Notice,
-        }
-    }
 }
 
 /// A worker that has stopped accepting for lack of descriptors (or memory): its listeners
@@ -632,13 +606,18 @@ impl Worker {
     }
 
     fn log(&self, priority: Priority, text: String) {
-        self.notify(Message::Log { priority, text });
+        self.notify(Message::Log {
+            priority,
+            text,
+            notice: None,
+        });
     }
 
     /// Logs a notice that could otherwise come once per connection (a full channel, a
     /// refusing one, a worker out of descriptors): the first at once, then at most one a
-    /// second per kind and channel (None: the worker), saying how many were held back
-    /// meanwhile. `text` is only built when the line is logged.
+    /// second per kind and channel (None: the worker), with how many were held back
+    /// meanwhile, which the supervisor, throttling again across workers, puts in the line.
+    /// `text` is only built when the line is sent.
     fn notice(
         &mut self,
         kind: Notice,
@@ -661,11 +640,17 @@ impl Worker {
                 0
             }
         };
-        let mut line = text();
-        if held > 0 {
-            line.push_str(&format!(" ({held} more like this since the last notice)"));
-        }
-        self.log(kind.priority(), line);
+        // Channel indexes are below MAX_GROUPS and MAX_CHANNELS (64): they fit.
+        let channel = channel.map(|(g, c)| (g as u16, c as u16));
+        self.notify(Message::Log {
+            priority: kind.priority(),
+            text: text(),
+            notice: Some(NoticeLine {
+                kind,
+                channel,
+                held,
+            }),
+        });
     }
 
     /// Sends a message to the supervisor without waiting; a full channel drops it.

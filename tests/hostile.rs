@@ -257,6 +257,14 @@ fn random_message(rng: &mut Rng) -> Message {
         Priority::Info,
         Priority::Debug,
     ];
+    let notices = [
+        ipc::Notice::Full,
+        ipc::Notice::Failed,
+        ipc::Notice::Shortage,
+        ipc::Notice::Saturated,
+        ipc::Notice::Source,
+        ipc::Notice::NoChannel,
+    ];
     match rng.below(7) {
         0 => Message::Start(WorkerConfig {
             row: rng.next() as u32,
@@ -293,6 +301,13 @@ fn random_message(rng: &mut Rng) -> Message {
         _ => Message::Log {
             priority: rng.pick(&priorities),
             text: random_string(rng),
+            notice: rng.chance(2).then(|| ipc::NoticeLine {
+                kind: rng.pick(&notices),
+                channel: rng
+                    .chance(2)
+                    .then(|| (rng.next() as u16, rng.next() as u16)),
+                held: rng.next() as u32 >> rng.below(32),
+            }),
         },
     }
 }

@@ -582,6 +582,66 @@ fn a_refusing_channel_is_logged_once_a_second_not_once_a_connection() {
     );
 }
 
+/// Every worker throttles its notices, and the supervisor again across them: a refusing
+/// channel met by four workers at once is still one line a second. (Each worker logged its
+/// own line a second: as many lines as workers.)
+#[test]
+fn a_refusing_channel_is_one_line_a_second_whichever_workers_meet_it() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-throttle-pool");
+    let rx = Receiver::bind(&dir.join("log"));
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let mut flags = syslog_flags(&rx.path);
+    flags.push("--log-connections".to_string());
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let operands = [refused_operand(), b1.operand()];
+    let b = Balance::start_with(Start {
+        flags: &flag_refs,
+        operands: &operands,
+        workers: 4,
+        ..Start::default()
+    });
+    let failed = "connection failed group 0 channel 0";
+    let addr = b.addr();
+    let started = Instant::now();
+    // Clients at once, so that several workers wake for them.
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                for _ in 0..10 {
+                    assert_eq!(greeting(addr), "B1", "fails over to channel 1");
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    rx.expect(DAEMON_NOTICE, &[failed]);
+    // Every relayed connection has its line, naming its worker.
+    let all = wait_until(Duration::from_secs(10), || rx.count("bytes up") >= 80);
+    assert!(all, "80 connection lines; got:\n{}", rx.lines().join("\n"));
+    let mut workers: Vec<String> = rx
+        .lines()
+        .iter()
+        .filter(|l| l.contains("bytes up"))
+        .filter_map(|l| l.rsplit_once("(worker ").map(|(_, w)| w.to_string()))
+        .collect();
+    workers.sort();
+    workers.dedup();
+    assert!(
+        workers.len() >= 2,
+        "the clients all went to one worker: {workers:?}"
+    );
+    let count = rx.count(failed);
+    assert!(
+        count <= 1 + elapsed.as_secs() as usize,
+        "{count} failure lines from {} workers in {elapsed:?}:\n{}",
+        workers.len(),
+        rx.lines().join("\n")
+    );
+}
+
 /// With every channel unusable, each client is turned away: that is one warning a second,
 /// not one per connection (clients could otherwise flood syslog at will).
 #[test]

@@ -911,10 +911,38 @@ fn handle_message(
             }
             true
         }
-        Message::Log { priority, text } => {
+        Message::Log {
+            priority,
+            text,
+            notice: None,
+        } => {
             // The worker last: a line the original logged ("connection failed group G
             // channel C") starts the message, where log watchers look for it.
             sup.log(priority, format!("{text} (worker {slot})"));
+            true
+        }
+        Message::Log {
+            priority,
+            text,
+            notice: Some(line),
+        } => {
+            if line
+                .channel
+                .is_some_and(|(g, c)| g as usize >= MAX_GROUPS || c as usize >= MAX_CHANNELS)
+            {
+                sup.log(
+                    Priority::Error,
+                    format!("worker {slot} sent a notice about a channel that cannot exist"),
+                );
+                return false;
+            }
+            let passed = sup
+                .notices
+                .borrow_mut()
+                .pass(slot, &line, std::time::Instant::now());
+            if let Some(held) = passed {
+                sup.log(priority, super::notices::line(&text, held, slot));
+            }
             true
         }
         Message::Disable {
