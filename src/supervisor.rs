@@ -380,6 +380,10 @@ async fn wait_for_stop(
             }
             _ = poll.tick() => {
                 log_audit_records(sup);
+                let due = sup.notices.borrow_mut().due(std::time::Instant::now());
+                for (kind, line) in due {
+                    sup.log(kind.priority(), line);
+                }
                 if sup.boot.table.header().shutdown.load(Ordering::Acquire) != 0 {
                     return "kill command";
                 }

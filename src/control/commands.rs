@@ -310,11 +310,11 @@ impl Session<'_> {
             Command::Disable(n) => self.set_enabled(n, false),
             Command::Reset(n) => {
                 let event = self
-                    .change(|w| {
+                    .change(|w, room| {
                         let Some(c) = index(n).filter(|&c| w.config(g, c).is_some()) else {
                             return Step::Done(None);
                         };
-                        if !w.audit_room() {
+                        if !room {
                             return Step::Wait;
                         }
                         let (t, s, r) = w.reset_counters(g, c).unwrap_or_default();
@@ -329,12 +329,12 @@ impl Session<'_> {
             }
             Command::Maxc { channel, maxc } => {
                 let event = self
-                    .change(|w| {
+                    .change(|w, room| {
                         let Some((c, ch)) = index(channel).and_then(|c| Some((c, w.config(g, c)?)))
                         else {
                             return Step::Done(None);
                         };
-                        if !w.audit_room() {
+                        if !room {
                             return Step::Wait;
                         }
                         w.set_maxc(g, c, maxc);
@@ -415,8 +415,11 @@ impl Session<'_> {
     /// whose record has no room yet it leaves unmade ([`Step::Wait`]), and the shell
     /// waits, without the lock, for the supervisor to read the ring. After [`AUDIT_WAIT`]
     /// the change is refused as [`Failure::AuditFull`] rather than overwrite records
-    /// nobody has logged.
-    pub(super) fn change<R>(&self, f: impl FnMut(&Writer<'_>) -> Step<R>) -> Result<R, Failure> {
+    /// nobody has logged. `f` gets the writer and whether the ring has room.
+    pub(super) fn change<R>(
+        &self,
+        f: impl FnMut(&Writer<'_>, bool) -> Step<R>,
+    ) -> Result<R, Failure> {
         self.change_waiting(AUDIT_WAIT, f)
     }
 
@@ -424,7 +427,7 @@ impl Session<'_> {
     pub(super) fn change_waiting<R>(
         &self,
         wait: Duration,
-        mut f: impl FnMut(&Writer<'_>) -> Step<R>,
+        mut f: impl FnMut(&Writer<'_>, bool) -> Step<R>,
     ) -> Result<R, Failure> {
         let deadline = Instant::now() + wait;
         // The first try takes the lock even when the ring looks full, to check the command.
@@ -438,9 +441,11 @@ impl Session<'_> {
                     if w.stopping() {
                         return Err(Failure::NoMaster);
                     }
+                    // Read once, and handed to `f`: the supervisor moves its read mark
+                    // without the lock, so a second look could find room the first did not.
                     let (room, written) = (w.audit_room(), w.audit_written());
-                    let step = f(w);
-                    // A closure that forgot to check for room would overwrite a record.
+                    let step = f(w, room);
+                    // A closure that wrote a record without room would overwrite one.
                     debug_assert!(room || w.audit_written() == written);
                     Ok(step)
                 })??;
@@ -500,14 +505,14 @@ impl Session<'_> {
         let old = if on { "disabled" } else { "enabled" };
         let event = self.event(&cmd, Some(n), old, word);
         let was = self
-            .change(|w| {
+            .change(|w, room| {
                 let Some((c, ch)) = index(n).and_then(|c| Some((c, w.config(g, c)?))) else {
                     return Step::Done(None);
                 };
                 if ch.enabled == on {
                     return Step::Done(Some(on));
                 }
-                if !w.audit_room() {
+                if !room {
                     return Step::Wait;
                 }
                 w.set_enabled(g, c, on);
@@ -528,11 +533,11 @@ impl Session<'_> {
             GroupKind::Hash => "hash",
         };
         let event = self
-            .change(|w| {
+            .change(|w, room| {
                 if w.channels(g).is_none() {
                     return Step::Done(None);
                 }
-                if !w.audit_room() {
+                if !room {
                     return Step::Wait;
                 }
                 let old = w.set_kind(g, kind).unwrap_or(kind);
@@ -554,11 +559,11 @@ impl Session<'_> {
         let addr = resolve(host, port, &self.services).map_err(rejected)?;
         let g = self.group;
         let event = self
-            .change(|w| {
+            .change(|w, room| {
                 if w.channels(g).is_none_or(|n| n >= MAX_CHANNELS) {
                     return Step::Done(None);
                 }
-                if !w.audit_room() {
+                if !room {
                     return Step::Wait;
                 }
                 let Some(c) = w.create_channel(g, addr) else {
@@ -587,7 +592,7 @@ impl Session<'_> {
             return Err(rejected("unknown channel"));
         }
         let addr = resolve(host, port, &self.services).map_err(rejected)?;
-        let event = self.change(|w| {
+        let event = self.change(|w, room| {
             let Some(c) = index(n) else {
                 return Step::Done(Err("unknown channel"));
             };
@@ -596,7 +601,7 @@ impl Session<'_> {
                 Some(ch) if ch.enabled => {
                     Step::Done(Err("channel must be disabled to assign new address"))
                 }
-                Some(_) if !w.audit_room() => Step::Wait,
+                Some(_) if !room => Step::Wait,
                 Some(_) => {
                     let old = w.assign(g, c, addr).flatten();
                     let old = old.map_or_else(|| "-".to_string(), |a| a.to_string());

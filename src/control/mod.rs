@@ -485,8 +485,8 @@ impl Session<'_> {
     /// [`Failure::NoMaster`] once the instance is stopping.
     pub(super) fn record(&self, event: &AuditEvent) -> Result<(), Failure> {
         let text = event.to_string();
-        let append = |w: &Writer<'_>| {
-            if !w.audit_room() {
+        let append = |w: &Writer<'_>, room: bool| {
+            if !room {
                 return Step::Wait;
             }
             w.append_audit(&text);

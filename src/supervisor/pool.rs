@@ -922,26 +922,23 @@ fn handle_message(
             true
         }
         Message::Log {
-            priority,
             text,
             notice: Some(line),
+            ..
         } => {
-            if line
-                .channel
-                .is_some_and(|(g, c)| g as usize >= MAX_GROUPS || c as usize >= MAX_CHANNELS)
-            {
+            if !super::notices::valid(&line) {
                 sup.log(
                     Priority::Error,
-                    format!("worker {slot} sent a notice about a channel that cannot exist"),
+                    format!("worker {slot} sent a notice no worker sends: {line:?}"),
                 );
                 return false;
             }
-            let passed = sup
-                .notices
-                .borrow_mut()
-                .pass(slot, &line, std::time::Instant::now());
+            let now = std::time::Instant::now();
+            let passed = sup.notices.borrow_mut().pass(slot, &line, &text, now);
             if let Some(held) = passed {
-                sup.log(priority, super::notices::line(&text, held, slot));
+                // At the kind's priority, whatever the message says.
+                let text = super::notices::line(&text, held, slot);
+                sup.log(line.kind.priority(), text);
             }
             true
         }
