@@ -813,6 +813,15 @@ def targets(summary, idle, raw):
             met = sum(1 for r in per_round if (r <= factor if op == "<=" else r >= factor))
             print(f"       ratio per round: {' '.join(f'{r:.2f}' for r in sorted(per_round))}"
                   f" (met in {met} of {len(per_round)})")
+    # Pinned, one stream is limited by the generator's CPU (both iperf3 ends): the direct
+    # connection on that CPU is what a proxy costing it nothing would reach.
+    direct, spliced = get("bulk1", "direct", "gbps"), get("bulk1", "haproxy-splice", "gbps")
+    if direct and spliced:
+        out.append({"target": "bulk 1 stream (pinned): direct connection, for scale",
+                    "verdict": "INFO", "balance": None, "reference": spliced,
+                    "direct": direct, "ratio_direct": direct / spliced})
+        print(f"  INFO bulk 1 stream (pinned): a direct connection moved {direct:.2f} Gbit/s, "
+              f"{direct / spliced:.2f} x HAProxy-splice: no proxy gets past that here")
     return out
 
 
