@@ -59,13 +59,8 @@ pub enum Message {
         channel: u32,
         addr: SocketAddr,
     },
-    /// A line for the log (syslog, or stderr in the foreground). `notice`: a line that
-    /// could come once per connection, which the supervisor throttles across workers.
-    Log {
-        priority: Priority,
-        text: String,
-        notice: Option<NoticeLine>,
-    },
+    /// A line for the log (syslog, or stderr in the foreground).
+    Log { priority: Priority, text: String },
     /// The worker has stopped accepting (out of descriptors, or draining). Connections
     /// queued on the listeners may have woken only this worker: the others should take them.
     StoppedAccepting,
@@ -73,6 +68,11 @@ pub enum Message {
     // supervisor → worker
     /// Another worker stopped accepting: accept what is queued on the listeners.
     Accept,
+
+    // worker → supervisor (last, so that the variants before keep their numbers)
+    /// A log line that could come once per connection, which the supervisor throttles
+    /// across workers; logged at its kind's priority.
+    Notice { text: String, line: NoticeLine },
 }
 
 /// The notices that are throttled: at most one a second per kind and channel, in each

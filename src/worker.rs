@@ -606,11 +606,7 @@ impl Worker {
     }
 
     fn log(&self, priority: Priority, text: String) {
-        self.notify(Message::Log {
-            priority,
-            text,
-            notice: None,
-        });
+        self.notify(Message::Log { priority, text });
     }
 
     /// Logs a notice that could otherwise come once per connection (a full channel, a
@@ -642,14 +638,13 @@ impl Worker {
         };
         // Channel indexes are below MAX_GROUPS and MAX_CHANNELS (64): they fit.
         let channel = channel.map(|(g, c)| (g as u16, c as u16));
-        self.notify(Message::Log {
-            priority: kind.priority(),
+        self.notify(Message::Notice {
             text: text(),
-            notice: Some(NoticeLine {
+            line: NoticeLine {
                 kind,
                 channel,
                 held,
-            }),
+            },
         });
     }
 

@@ -265,7 +265,7 @@ fn random_message(rng: &mut Rng) -> Message {
         ipc::Notice::Source,
         ipc::Notice::NoChannel,
     ];
-    match rng.below(7) {
+    match rng.below(8) {
         0 => Message::Start(WorkerConfig {
             row: rng.next() as u32,
             listeners: rng.below(3) as u32,
@@ -298,16 +298,19 @@ fn random_message(rng: &mut Rng) -> Message {
         },
         4 => Message::StoppedAccepting,
         5 => Message::Accept,
-        _ => Message::Log {
+        6 => Message::Log {
             priority: rng.pick(&priorities),
             text: random_string(rng),
-            notice: rng.chance(2).then(|| ipc::NoticeLine {
+        },
+        _ => Message::Notice {
+            text: random_string(rng),
+            line: ipc::NoticeLine {
                 kind: rng.pick(&notices),
                 channel: rng
                     .chance(2)
                     .then(|| (rng.next() as u16, rng.next() as u16)),
                 held: rng.next() as u32 >> rng.below(32),
-            }),
+            },
         },
     }
 }

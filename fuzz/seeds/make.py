@@ -70,11 +70,11 @@ MESSAGES = {
     "ready-landlock": varint(2) + b"\x01" + text("landlock ABI 1 only"),
     "disable": varint(3) + varint(3) + varint(63) + varint(0) + bytes([127, 0, 0, 1])
                + varint(8001),
-    "log": varint(4) + varint(1) + text("worker stopped accepting") + b"\x00",
-    "log-notice": varint(4) + varint(3) + text("connection failed group 0 channel 1")
-                  + b"\x01" + varint(1) + b"\x01" + varint(0) + varint(1) + varint(7),
+    "log": varint(4) + varint(1) + text("connection failed group 0 channel 1"),
     "stopped-accepting": varint(5),
     "accept": varint(6),
+    "notice": varint(7) + text("connection failed group 0 channel 1")
+              + varint(1) + b"\x01" + varint(0) + varint(1) + varint(7),
 }
 for name, data in MESSAGES.items():
     write("ipc_message", name, data)

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use super::{access, format, AuditEvent, Failure, Reply, Session};
 use crate::cli::{self, Services};
 use crate::futex::LockError;
-use crate::table::{GroupKind, Snapshot, TableError, Writer, MAX_CHANNELS, MAX_GROUPS};
+use crate::table::{
+    ChannelConfig, GroupKind, Snapshot, TableError, Writer, MAX_CHANNELS, MAX_GROUPS,
+};
 
 /// How long `kill` waits for the master to let go of the table. The supervisor notices the
 /// flag within 200 ms, kills its workers and waits up to 5 s for them to be reaped.
@@ -311,7 +313,7 @@ impl Session<'_> {
             Command::Reset(n) => {
                 let event = self
                     .change(|w, room| {
-                        let Some(c) = index(n).filter(|&c| w.config(g, c).is_some()) else {
+                        let Some((c, _)) = channel_at(w, g, n) else {
                             return Step::Done(None);
                         };
                         if !room {
@@ -330,8 +332,7 @@ impl Session<'_> {
             Command::Maxc { channel, maxc } => {
                 let event = self
                     .change(|w, room| {
-                        let Some((c, ch)) = index(channel).and_then(|c| Some((c, w.config(g, c)?)))
-                        else {
+                        let Some((c, ch)) = channel_at(w, g, channel) else {
                             return Step::Done(None);
                         };
                         if !room {
@@ -506,7 +507,7 @@ impl Session<'_> {
         let event = self.event(&cmd, Some(n), old, word);
         let was = self
             .change(|w, room| {
-                let Some((c, ch)) = index(n).and_then(|c| Some((c, w.config(g, c)?))) else {
+                let Some((c, ch)) = channel_at(w, g, n) else {
                     return Step::Done(None);
                 };
                 if ch.enabled == on {
@@ -593,24 +594,19 @@ impl Session<'_> {
         }
         let addr = resolve(host, port, &self.services).map_err(rejected)?;
         let event = self.change(|w, room| {
-            let Some(c) = index(n) else {
+            let Some((c, ch)) = channel_at(w, g, n) else {
                 return Step::Done(Err("unknown channel"));
             };
-            match w.config(g, c) {
-                None => Step::Done(Err("unknown channel")),
-                Some(ch) if ch.enabled => {
-                    Step::Done(Err("channel must be disabled to assign new address"))
-                }
-                Some(_) if !room => Step::Wait,
-                Some(_) => {
-                    let old = w.assign(g, c, addr).flatten();
-                    let old = old.map_or_else(|| "-".to_string(), |a| a.to_string());
-                    Step::Done(Ok(recorded(
-                        w,
-                        self.event(cmd, Some(n), old, addr.to_string()),
-                    )))
-                }
+            if ch.enabled {
+                return Step::Done(Err("channel must be disabled to assign new address"));
             }
+            if !room {
+                return Step::Wait;
+            }
+            let old = w.assign(g, c, addr).flatten();
+            let old = old.map_or_else(|| "-".to_string(), |a| a.to_string());
+            let event = self.event(cmd, Some(n), old, addr.to_string());
+            Step::Done(Ok(recorded(w, event)))
         })?;
         let event = event.map_err(rejected)?;
         Ok(Reply::changed("channel reassigned\n", event).awaiting(addr.port()))
@@ -682,6 +678,13 @@ impl Session<'_> {
 /// A channel number as an index, or None when negative.
 fn index(n: i64) -> Option<usize> {
     usize::try_from(n).ok()
+}
+
+/// Channel `n` of group `g` as it is under the lock: its index and configuration, or None
+/// when the group has no such channel.
+fn channel_at(w: &Writer<'_>, g: usize, n: i64) -> Option<(usize, ChannelConfig)> {
+    let c = index(n)?;
+    Some((c, w.config(g, c)?))
 }
 
 /// Puts `event` on record in the table's audit ring, within the update that made the

@@ -911,21 +911,13 @@ fn handle_message(
             }
             true
         }
-        Message::Log {
-            priority,
-            text,
-            notice: None,
-        } => {
+        Message::Log { priority, text } => {
             // The worker last: a line the original logged ("connection failed group G
             // channel C") starts the message, where log watchers look for it.
             sup.log(priority, format!("{text} (worker {slot})"));
             true
         }
-        Message::Log {
-            text,
-            notice: Some(line),
-            ..
-        } => {
+        Message::Notice { text, line } => {
             if !super::notices::valid(&line) {
                 sup.log(
                     Priority::Error,
@@ -936,7 +928,6 @@ fn handle_message(
             let now = std::time::Instant::now();
             let passed = sup.notices.borrow_mut().pass(slot, &line, &text, now);
             if let Some(held) = passed {
-                // At the kind's priority, whatever the message says.
                 let text = super::notices::line(&text, held, slot);
                 sup.log(line.kind.priority(), text);
             }
