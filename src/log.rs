@@ -4,18 +4,25 @@
 //! control shell logs its own audit lines. The `syslog` crate does not reconnect by itself:
 //! after the syslog daemon restarts, a send on the old connection fails for good. So a failed
 //! send drops the connection, opens a new one and tries once more; a message that still
-//! cannot be delivered is dropped (logging never blocks or stops balance). When no syslog
+//! cannot be delivered is dropped (logging never blocks or stops balance). A line that finds
+//! the syslog socket's queue full (a burst of connection lines, a syslog daemon busy for a
+//! moment) is not lost: it waits in memory, in order, and goes out as soon as the queue has
+//! room ([`Logger::flush`]); only past [`BACKLOG_LINES`] waiting lines are lines dropped.
+//! Every drop is counted and the count logged once syslog takes lines again. When no syslog
 //! socket exists, balance says so once on stderr and keeps running. Nothing here ever writes
 //! to a client connection.
 
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use syslog::{Facility, Formatter3164, Logger as SysLogger, LoggerBackend};
+use syslog::{Facility, Formatter3164, LogFormat, LoggerBackend, Severity};
 
 use crate::ipc::Priority;
 
-type Conn = SysLogger<LoggerBackend, Formatter3164>;
+type Conn = LoggerBackend;
 
 /// Where a line belongs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +48,20 @@ pub struct Logger {
     /// audit): said on that channel once syslog takes lines again, so that a gap in each
     /// record is visible in that record.
     dropped: [u64; 2],
+    /// Lines, formatted when they were logged, that found the datagram socket's queue full,
+    /// oldest first, per channel: sent before any newer line.
+    backlog: [VecDeque<Vec<u8>>; 2],
+    /// How long a line that finds the queue full may wait for room before `send` returns
+    /// (the control shell, which has no loop to flush later); zero in the daemon.
+    wait_for_room: Duration,
 }
+
+/// How many lines may wait per channel for room in syslog's queue (about 300 KiB at most):
+/// a burst of a second or two of connection lines. Past that, a syslog that is not reading
+/// costs lines, never memory.
+pub const BACKLOG_LINES: usize = 1024;
+/// How long the control shell waits for syslog's queue to take one of its lines.
+const SHELL_WAIT_FOR_ROOM: Duration = Duration::from_secs(1);
 
 /// The syslog socket on Linux.
 const DEFAULT_SOCKET: &str = "/dev/log";
@@ -64,9 +84,11 @@ impl Logger {
             warned_unavailable: false,
             retried: (None, None),
             dropped: [0; 2],
+            backlog: Default::default(),
+            wait_for_room: Duration::ZERO,
         };
-        logger.daemon = logger.connect(Channel::Daemon);
-        logger.audit = logger.connect(Channel::Audit);
+        logger.daemon = logger.connect();
+        logger.audit = logger.connect();
         logger
     }
 
@@ -83,6 +105,8 @@ impl Logger {
             warned_unavailable: true,
             retried: (None, None),
             dropped: [0; 2],
+            backlog: Default::default(),
+            wait_for_room: SHELL_WAIT_FOR_ROOM,
         }
     }
 
@@ -99,22 +123,13 @@ impl Logger {
         self.retried = (None, None);
     }
 
-    fn connect(&mut self, channel: Channel) -> Option<Conn> {
-        let formatter = Formatter3164 {
-            facility: match channel {
-                Channel::Daemon => Facility::LOG_DAEMON,
-                Channel::Audit => Facility::LOG_AUTHPRIV,
-            },
-            hostname: None,
-            process: SYSLOG_IDENT.into(),
-            pid: std::process::id(),
-        };
+    fn connect(&mut self) -> Option<Conn> {
         let path = self
             .socket
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
         match connect_without_waiting(&path) {
-            Ok(backend) => Some(SysLogger::new(backend, formatter)),
+            Ok(backend) => Some(backend),
             Err(e) => {
                 if !self.warned_unavailable {
                     self.warned_unavailable = true;
@@ -150,32 +165,117 @@ impl Logger {
         self.send(Channel::Audit, priority, text);
     }
 
-    /// Sends one line: on an existing connection, or a new one when there is none (at most
-    /// one attempt a second) or the existing one just failed (syslogd restarted).
+    /// Sends one line: after the lines waiting for room, on an existing connection, or a
+    /// new one when there is none (at most one attempt a second) or the existing one just
+    /// failed (syslogd restarted). A line that finds the queue full waits its turn.
     fn send(&mut self, channel: Channel, priority: Priority, text: &str) {
         let slot = channel as usize;
-        if !self.deliver(channel, priority, text) {
+        let line = format_line(channel, priority, text);
+        self.flush_channel(channel);
+        if !self.accept(channel, line) {
             self.dropped[slot] += 1;
         } else if self.dropped[slot] > 0 {
             let gap = format!(
                 "{} log line(s) could not be delivered to syslog before this one",
                 std::mem::take(&mut self.dropped[slot])
             );
-            if !self.deliver(channel, Priority::Warning, &gap) {
+            if !self.accept(channel, format_line(channel, Priority::Warning, &gap)) {
                 self.dropped[slot] += 1;
             }
         }
+        if !self.wait_for_room.is_zero() {
+            self.drain_for(self.wait_for_room);
+        }
     }
 
-    /// One line, on this channel's connection (opened or reopened as needed); whether it
-    /// was delivered.
-    fn deliver(&mut self, channel: Channel, priority: Priority, text: &str) -> bool {
+    /// Sends a line, or queues it behind those waiting for room; whether it was taken.
+    fn accept(&mut self, channel: Channel, line: Vec<u8>) -> bool {
+        let waiting = &mut self.backlog[channel as usize];
+        if !waiting.is_empty() {
+            if waiting.len() >= BACKLOG_LINES {
+                return false;
+            }
+            waiting.push_back(line);
+            return true;
+        }
+        match self.deliver(channel, &line) {
+            Delivery::Sent => true,
+            Delivery::Full => {
+                self.backlog[channel as usize].push_back(line);
+                true
+            }
+            Delivery::Failed => false,
+        }
+    }
+
+    /// Whether lines wait for room in syslog's queue.
+    pub fn pending(&self) -> bool {
+        self.backlog.iter().any(|b| !b.is_empty())
+    }
+
+    /// Sends what waits for room, oldest first, until the queue is full again; how many
+    /// lines went out. The daemon calls it whenever [`Logger::pending`], backing off while
+    /// nothing goes.
+    pub fn flush(&mut self) -> usize {
+        self.flush_channel(Channel::Daemon) + self.flush_channel(Channel::Audit)
+    }
+
+    fn flush_channel(&mut self, channel: Channel) -> usize {
+        let slot = channel as usize;
+        let mut sent = 0;
+        while let Some(line) = self.backlog[slot].pop_front() {
+            match self.deliver(channel, &line) {
+                Delivery::Sent => sent += 1,
+                Delivery::Full => {
+                    self.backlog[slot].push_front(line);
+                    break;
+                }
+                // Syslog went away (or restarted and cannot be reached yet): the line
+                // is lost, and counted, like one logged now.
+                Delivery::Failed => self.dropped[slot] += 1,
+            }
+        }
+        sent
+    }
+
+    /// Waits up to `limit` for what waits for room to go out (the control shell after a
+    /// line, the daemon as it stops); what is left stays queued.
+    pub fn drain_for(&mut self, limit: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let deadline = Instant::now() + limit;
+        loop {
+            self.flush();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !self.pending() || left.is_zero() {
+                return;
+            }
+            // Room is waited for on the first channel with lines waiting (a few ms at a
+            // time, so that the other is not forgotten).
+            let Some(conn) = [Channel::Daemon, Channel::Audit]
+                .into_iter()
+                .filter(|&c| !self.backlog[c as usize].is_empty())
+                .find_map(|c| match self.slot_ref(c) {
+                    Some(LoggerBackend::Unix(socket)) => Some(socket),
+                    _ => None,
+                })
+            else {
+                return;
+            };
+            let wait = left.min(Duration::from_millis(20));
+            let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::ZERO);
+            let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLOUT)];
+            let _ = poll(&mut fds, timeout);
+        }
+    }
+
+    /// One line, on this channel's connection (opened or reopened as needed).
+    fn deliver(&mut self, channel: Channel, line: &[u8]) -> Delivery {
         for attempt in 0..2 {
             if attempt > 0 || self.slot(channel).is_none() {
                 if attempt == 0 && !self.may_retry(channel) {
-                    return false;
+                    return Delivery::Failed;
                 }
-                let conn = self.connect(channel);
+                let conn = self.connect();
                 if conn.is_some() {
                     // The interval spaces out failed attempts only.
                     *self.retry_mark(channel) = None;
@@ -183,21 +283,28 @@ impl Logger {
                 *self.slot(channel) = conn;
             }
             let Some(conn) = self.slot(channel).as_mut() else {
-                return false;
+                return Delivery::Failed;
             };
-            let sent = match priority {
-                Priority::Critical => conn.crit(text),
-                Priority::Error => conn.err(text),
-                Priority::Warning => conn.warning(text),
-                Priority::Notice => conn.notice(text),
-                Priority::Info => conn.info(text),
-                Priority::Debug => conn.debug(text),
-            };
-            if sent.is_ok() {
-                return true;
+            match conn.write(line) {
+                Ok(_) => return Delivery::Sent,
+                // The datagram socket's queue is full: the daemon is alive, only behind.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && matches!(conn, LoggerBackend::Unix(_)) =>
+                {
+                    return Delivery::Full;
+                }
+                Err(_) => {}
             }
         }
-        false
+        Delivery::Failed
+    }
+
+    fn slot_ref(&self, channel: Channel) -> Option<&Conn> {
+        match channel {
+            Channel::Daemon => self.daemon.as_ref(),
+            Channel::Audit => self.audit.as_ref(),
+        }
     }
 
     fn slot(&mut self, channel: Channel) -> &mut Option<Conn> {
@@ -224,6 +331,40 @@ impl Logger {
         *last = Some(now);
         true
     }
+}
+
+/// What became of a line sent.
+enum Delivery {
+    Sent,
+    /// The datagram socket's queue is full; the line may go later.
+    Full,
+    /// No connection could take it.
+    Failed,
+}
+
+/// A syslog line as the `syslog` crate formats it (RFC 3164, without hostname, as the
+/// libc's `syslog` sends it to the local socket), stamped now.
+fn format_line(channel: Channel, priority: Priority, text: &str) -> Vec<u8> {
+    let formatter = Formatter3164 {
+        facility: match channel {
+            Channel::Daemon => Facility::LOG_DAEMON,
+            Channel::Audit => Facility::LOG_AUTHPRIV,
+        },
+        hostname: None,
+        process: SYSLOG_IDENT.into(),
+        pid: std::process::id(),
+    };
+    let severity = match priority {
+        Priority::Critical => Severity::LOG_CRIT,
+        Priority::Error => Severity::LOG_ERR,
+        Priority::Warning => Severity::LOG_WARNING,
+        Priority::Notice => Severity::LOG_NOTICE,
+        Priority::Info => Severity::LOG_INFO,
+        Priority::Debug => Severity::LOG_DEBUG,
+    };
+    let mut line = Vec::with_capacity(text.len() + 40);
+    let _ = formatter.format(&mut line, severity, text);
+    line
 }
 
 /// Connects to the syslog socket at `path` as the `syslog` crate would (datagram, else
@@ -281,7 +422,6 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 /// the workers (which share the descriptor) never interleave mid-line (`eprintln!` writes
 /// piece by piece).
 pub fn stderr_line(args: std::fmt::Arguments<'_>) {
-    use std::io::Write;
     let line = format!("{args}\n");
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
@@ -331,6 +471,96 @@ mod tests {
             line.ends_with("refused x\\n<85>Balance[1]: uid 0 (root): kill"),
             "{line:?}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A socket bound in a directory of its own, and a logger sending to it.
+    fn receiver(name: &str) -> (PathBuf, std::os::unix::net::UnixDatagram, Logger) {
+        let dir = std::env::temp_dir().join(format!("balance-log-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("log");
+        let rx = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let logger = Logger::new(Some(path), false, false);
+        (dir, rx, logger)
+    }
+
+    /// Reads what arrives until nothing has for 200 ms, while the logger drains.
+    fn read_while_draining(
+        rx: std::os::unix::net::UnixDatagram,
+        logger: &mut Logger,
+    ) -> Vec<String> {
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = rx.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+            }
+            (got, rx)
+        });
+        logger.drain_for(Duration::from_secs(10));
+        assert!(!logger.pending(), "lines still wait after 10 s");
+        reader.join().expect("reader").0
+    }
+
+    /// More lines at once than the socket's queue holds (net.unix.max_dgram_qlen, 10 by
+    /// default) all arrive, in order, once the reader reads. (They were dropped.)
+    #[test]
+    fn a_burst_bigger_than_the_socket_queue_arrives_whole_and_in_order() {
+        let (dir, rx, mut logger) = receiver("burst");
+        let burst = BACKLOG_LINES / 2;
+        for i in 0..burst {
+            logger.log(Priority::Info, &format!("line {i}"));
+        }
+        let got = read_while_draining(rx, &mut logger);
+        let texts: Vec<&str> = got
+            .iter()
+            .map(|l| l.rsplit_once("]: ").map_or("", |(_, t)| t))
+            .collect();
+        let want: Vec<String> = (0..burst).map(|i| format!("line {i}")).collect();
+        assert_eq!(texts, want);
+        // Each line was stamped and prioritised when it was logged, as the crate does.
+        assert!(got[0].starts_with("<30>"), "{}", got[0]);
+        assert!(got[0].contains(&format!("{SYSLOG_IDENT}[")), "{}", got[0]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Past the lines that may wait, a syslog that does not read costs lines, never memory:
+    /// they are counted, and the count is logged with the next line syslog takes.
+    #[test]
+    fn lines_past_the_backlog_are_counted_and_the_count_logged() {
+        let (dir, rx, mut logger) = receiver("overflow");
+        let sent = 3 * BACKLOG_LINES;
+        for i in 0..sent {
+            logger.log(Priority::Info, &format!("line {i}"));
+        }
+        assert!(logger.backlog[0].len() <= BACKLOG_LINES);
+        let mut got = read_while_draining(rx.try_clone().expect("clone"), &mut logger);
+        let delivered = got.len();
+        assert!(delivered < sent, "the socket took all {sent}");
+        logger.log(Priority::Info, "after");
+        let mut buf = [0u8; 1024];
+        for _ in 0..2 {
+            let n = rx.recv(&mut buf).expect("a line");
+            got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+        assert!(got[delivered].ends_with("]: after"), "{}", got[delivered]);
+        let gap = &got[delivered + 1];
+        assert!(gap.starts_with("<28>"), "a warning: {gap}");
+        assert!(
+            gap.ends_with(&format!(
+                "]: {} log line(s) could not be delivered to syslog before this one",
+                sent - delivered
+            )),
+            "{delivered} of {sent} delivered: {gap}"
+        );
+        // What arrived is the oldest lines, in order: those the queue took, then those
+        // that waited.
+        for (i, line) in got[..delivered].iter().enumerate() {
+            assert!(line.ends_with(&format!("]: line {i}")), "{i}: {line}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -44,6 +44,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the supervisor looks at the table's `shutdown` flag.
 const KILL_POLL: Duration = Duration::from_millis(200);
+/// How soon lines that found syslog's queue full are sent again, and how far that backs
+/// off while syslog takes none.
+const FLUSH_MIN: Duration = Duration::from_millis(2);
+const FLUSH_MAX: Duration = Duration::from_millis(500);
+/// How long the stopped supervisor waits for syslog to take the lines still waiting.
+const LOG_DRAIN: Duration = Duration::from_secs(1);
 
 /// Runs balance in proxy mode; returns when it has shut down.
 pub fn run(args: ProxyArgs) -> Result<(), Fatal> {
@@ -114,6 +120,8 @@ struct Supervisor {
     disables_said: Cell<Option<std::time::Instant>>,
     /// Wakes slot tasks out of their restart backoff at shutdown.
     wake: tokio::sync::Notify,
+    /// Wakes the log flusher: lines wait for room in syslog's queue.
+    log_waiting: tokio::sync::Notify,
 }
 
 /// An `-a` request waiting for the table's lock.
@@ -264,6 +272,7 @@ fn supervise(
         pending_disables: RefCell::new(Vec::new()),
         disables_said: Cell::new(None),
         wake: tokio::sync::Notify::new(),
+        log_waiting: tokio::sync::Notify::new(),
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -273,7 +282,9 @@ fn supervise(
             let _ = sup.boot.remove_files(pidfile);
         })?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async move {
+    let last_words = Rc::clone(&sup);
+    let result = local.block_on(&runtime, async move {
+        tokio::task::spawn_local(flush_log(Rc::clone(&sup)));
         let signals = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
@@ -350,7 +361,30 @@ fn supervise(
         }
         sup.log(Priority::Notice, "stopped".to_string());
         Ok(())
-    })
+    });
+    // The last lines (the workers' last words, "stopped") may still wait for room.
+    last_words.logger.borrow_mut().drain_for(LOG_DRAIN);
+    result
+}
+
+/// Sends the lines that found syslog's queue full as soon as it has room: soon after a
+/// burst, then backing off while the syslog daemon takes nothing (a stopped daemon costs a
+/// wake-up every [`FLUSH_MAX`], not a busy loop).
+async fn flush_log(sup: Rc<Supervisor>) {
+    let mut delay = FLUSH_MIN;
+    loop {
+        if !sup.logger.borrow().pending() {
+            sup.log_waiting.notified().await;
+            delay = FLUSH_MIN;
+            continue;
+        }
+        tokio::time::sleep(delay).await;
+        let sent = sup.logger.borrow_mut().flush();
+        delay = match sent {
+            0 => (delay * 2).min(FLUSH_MAX),
+            _ => FLUSH_MIN,
+        };
+    }
 }
 
 /// Waits for SIGTERM, SIGINT, a `kill` through the table, or every slot having given up.
@@ -409,9 +443,8 @@ fn log_audit_records(sup: &Supervisor) {
     if table.audit_next() != sup.audit_next.get() {
         let batch = table.read_audit(sup.audit_next.get());
         sup.audit_next.set(batch.next);
-        let mut logger = sup.logger.borrow_mut();
         if batch.lost > 0 {
-            logger.audit(
+            sup.audit(
                 Priority::Warning,
                 &format!(
                     "{} audit record(s) of the control shell were overwritten before they could be logged",
@@ -420,7 +453,7 @@ fn log_audit_records(sup: &Supervisor) {
             );
         }
         for line in &batch.lines {
-            logger.audit(Priority::Notice, line);
+            sup.audit(Priority::Notice, line);
         }
     }
     // Stored at every look: the mark is the supervisor's alone, whatever a hand left there.
@@ -449,7 +482,7 @@ fn observe_table(sup: &Rc<Supervisor>) {
         return;
     };
     for change in snapshot.changes_since(&sup.last_seen.borrow()) {
-        sup.logger.borrow_mut().audit(
+        sup.audit(
             Priority::Notice,
             &format!("table change observed: {change}"),
         );
@@ -515,6 +548,19 @@ async fn stop_workers(sup: &Supervisor, slots: Vec<tokio::task::JoinHandle<()>>)
 impl Supervisor {
     fn log(&self, priority: Priority, text: String) {
         self.logger.borrow_mut().log(priority, &text);
+        self.wake_flusher();
+    }
+
+    /// An audit line (LOG_AUTHPRIV).
+    fn audit(&self, priority: Priority, text: &str) {
+        self.logger.borrow_mut().audit(priority, text);
+        self.wake_flusher();
+    }
+
+    fn wake_flusher(&self) {
+        if self.logger.borrow().pending() {
+            self.log_waiting.notify_one();
+        }
     }
 
     /// `-a`: disables a channel whose connect to `addr` failed, unless the channel has been

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,8 @@ struct Receiver {
     path: PathBuf,
     lines: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
+    /// While set, nothing is read: the socket's queue fills as a busy syslog daemon's does.
+    held: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -35,10 +39,15 @@ impl Receiver {
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
         let stop = Arc::new(AtomicBool::new(false));
-        let (l, s) = (Arc::clone(&lines), Arc::clone(&stop));
+        let held = Arc::new(AtomicBool::new(false));
+        let (l, s, h) = (Arc::clone(&lines), Arc::clone(&stop), Arc::clone(&held));
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !s.load(Ordering::Relaxed) {
+                if h.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
                 if let Ok(n) = sock.recv(&mut buf) {
                     let text = String::from_utf8_lossy(&buf[..n]).to_string();
                     l.lock().expect("lines").push(text);
@@ -49,7 +58,17 @@ impl Receiver {
             path: path.to_path_buf(),
             lines,
             stop,
+            held,
             thread: Some(thread),
+        }
+    }
+
+    /// Stops reading (`true`) or reads again (`false`). Holding returns once a read under
+    /// way (100 ms at most) is over.
+    fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::Relaxed);
+        if held {
+            std::thread::sleep(Duration::from_millis(150));
         }
     }
 
@@ -648,6 +667,75 @@ fn a_refusing_channel_is_one_line_a_second_whichever_workers_meet_it() {
         DAEMON_NOTICE,
         &[failed, "more like this since the last notice"],
     );
+}
+
+/// A burst of lines bigger than the syslog socket's queue (net.unix.max_dgram_qlen, 10 by
+/// default) is not lost while the syslog daemon is busy: the lines wait in the supervisor
+/// and arrive, in order, once it reads again. (They were dropped and counted.)
+#[test]
+fn a_burst_of_lines_waits_for_a_busy_syslog() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-burst");
+    let rx = Receiver::bind(&dir.join("log"));
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let mut flags = syslog_flags(&rx.path);
+    flags.push("--log-connections".to_string());
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let b = Balance::start_with(Start {
+        flags: &flag_refs,
+        operands: &[b1.operand()],
+        workers: 1,
+        ..Start::default()
+    });
+    rx.expect(DAEMON_NOTICE, &["started: listening on"]);
+    rx.hold(true);
+    // Each connection's line is sent when it closes: wait for the last one's close
+    // before syslog reads again, so that the whole burst met a full queue.
+    let clients = 60;
+    let mut sent: Vec<u16> = (0..clients)
+        .map(|_| {
+            let conn =
+                TcpStream::connect_timeout(&b.addr(), Duration::from_secs(10)).expect("connect");
+            conn.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let port = conn.local_addr().expect("local address").port();
+            let mut line = String::new();
+            let _ = BufReader::new(conn).read_line(&mut line);
+            assert_eq!(line.trim_end(), "B1");
+            port
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rx.count("bytes up"), 0, "the receiver read while held");
+    rx.hold(false);
+    let all = wait_until(Duration::from_secs(10), || rx.count("bytes up") >= clients);
+    let lines = rx.lines();
+    assert!(
+        all,
+        "{} of {clients} connection lines; got:\n{}",
+        rx.count("bytes up"),
+        lines.join("\n")
+    );
+    assert_eq!(
+        rx.count("could not be delivered"),
+        0,
+        "{}",
+        lines.join("\n")
+    );
+    // One line for each client, none twice.
+    let mut ports: Vec<u16> = lines
+        .iter()
+        .filter(|l| l.contains("bytes up"))
+        .filter_map(|l| {
+            let from = l.split("connection from 127.0.0.1:").nth(1)?;
+            from.split(' ').next()?.parse().ok()
+        })
+        .collect();
+    ports.sort_unstable();
+    sent.sort_unstable();
+    assert_eq!(ports, sent, "{}", lines.join("\n"));
 }
 
 /// With every channel unusable, each client is turned away: that is one warning a second,
