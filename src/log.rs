@@ -7,8 +7,8 @@
 //! cannot be delivered is dropped (logging never blocks or stops balance). A line that finds
 //! the syslog socket's queue full (a burst of connection lines, a syslog daemon busy for a
 //! moment) is not lost: it waits in memory, in order, and goes out as soon as the queue has
-//! room ([`Logger::flush`]); only past [`BACKLOG_LINES`] waiting lines are lines dropped.
-//! Every drop is counted and the count logged once syslog takes lines again. When no syslog
+//! room ([`Logger::flush`]); lines are dropped only once [`BACKLOG_LINES`] wait. Every
+//! drop is counted and the count logged once syslog takes lines again. When no syslog
 //! socket exists, balance says so once on stderr and keeps running. Nothing here ever writes
 //! to a client connection.
 
