@@ -394,7 +394,7 @@ fn a_kill_that_fails_is_withdrawn() {
 fn public_binary() -> PathBuf {
     let dir = temp_dir("bin");
     let bin = dir.join("balance");
-    std::fs::copy(BIN, &bin).expect("copy binary");
+    copy_binary(&bin);
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     bin
 }

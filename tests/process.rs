@@ -309,7 +309,7 @@ fn non_root_start_runs_unprivileged_with_a_warning() {
     // The build directory may not be reachable by other users: run a copy.
     let dir = temp_dir("nonroot");
     let bin = dir.join("balance");
-    std::fs::copy(BIN, &bin).expect("copy binary");
+    copy_binary(&bin);
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     let backend = Backend::start("B1", Behaviour::TagEcho);
     let port = free_port();
@@ -354,7 +354,7 @@ fn a_run_directory_out_of_reach_is_explained() {
     }
     let dir = temp_dir("unreachable-run");
     let bin = dir.join("balance");
-    std::fs::copy(BIN, &bin).expect("copy binary");
+    copy_binary(&bin);
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let run = dir.join("run");
     std::fs::create_dir(&run).expect("run dir");

@@ -280,7 +280,7 @@ fn control_changes_and_refusals_are_audited() {
     let control = |user: Option<&[&str]>, cmd: &str| {
         let bin = dir.join("balance");
         if !bin.exists() {
-            std::fs::copy(BIN, &bin).expect("copy binary");
+            copy_binary(&bin);
         }
         let mut c = match user {
             Some(setpriv) => {

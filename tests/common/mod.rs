@@ -13,6 +13,20 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_balance");
 
+/// Copies balance's binary to `to` (a place another user can run it from) with `cp`, not
+/// `std::fs::copy`: a file this test process opens for writing is inherited by any child
+/// another test thread forks at that moment, and running the copy then fails with "Text
+/// file busy" (ETXTBSY) until that child has exec'd. Only `cp` holds the file open here.
+pub fn copy_binary(to: &Path) {
+    let status = Command::new("cp")
+        .arg("--")
+        .arg(BIN)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "cp {BIN} {}: {status}", to.display());
+}
+
 /// True when running as root. Under CI (CI=true) a test that needs root fails loudly
 /// instead of being skipped.
 pub fn require_root() -> bool {
