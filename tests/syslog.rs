@@ -738,6 +738,55 @@ fn a_burst_of_lines_waits_for_a_busy_syslog() {
     assert_eq!(ports, sent, "{}", lines.join("\n"));
 }
 
+/// The control shell logs its own refusals: one that finds syslog's queue full waits
+/// for room (a second at most) instead of losing the line. (It was dropped.)
+#[test]
+fn a_shell_refusal_waits_for_room_in_a_full_syslog_queue() {
+    if !require_root() {
+        return;
+    }
+    let dir = temp_dir("syslog-shell-full");
+    let rx = Receiver::bind(&dir.join("log"));
+    let b1 = Backend::start("B1", Behaviour::TagEcho);
+    let b = one_worker_logging_to(&rx, &[b1.operand()]);
+    rx.expect(DAEMON_NOTICE, &["started: listening on"]);
+    let bin = dir.join("balance");
+    copy_binary(&bin);
+    rx.hold(true);
+    // Fill the queue as a burst of other programs' lines would.
+    let filler = UnixDatagram::unbound().expect("socket");
+    filler.connect(&rx.path).expect("connect");
+    filler.set_nonblocking(true).expect("non-blocking");
+    let mut filled = 0;
+    while filled < 100_000 && filler.send(b"<13>filler").is_ok() {
+        filled += 1;
+    }
+    assert!(filled < 100_000, "the queue never filled");
+    let shell = std::thread::spawn({
+        let (bin, run_dir, port) = (bin.clone(), b.run_dir.clone(), b.port);
+        let socket = rx.path.clone();
+        move || {
+            Command::new("setpriv")
+                .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+                .arg(&bin)
+                .arg("--run-dir")
+                .arg(&run_dir)
+                .args(["-b", "127.0.0.1", "--syslog-socket"])
+                .arg(&socket)
+                .args(["-c", "show", &port.to_string()])
+                .output_within(COMMAND_LIMIT)
+                .expect("control")
+        }
+    });
+    // The shell meets the full queue, then syslog reads again within its second.
+    std::thread::sleep(Duration::from_millis(400));
+    rx.hold(false);
+    let out = shell.join().expect("shell thread");
+    assert_eq!(out.status.code(), Some(71), "no access");
+    rx.expect(AUTH_WARNING, &["refused access to", "for 'show'"]);
+    assert_eq!(rx.count("filler"), filled, "the test's own lines");
+}
+
 /// With every channel unusable, each client is turned away: that is one warning a second,
 /// not one per connection (clients could otherwise flood syslog at will).
 #[test]
