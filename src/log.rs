@@ -434,14 +434,9 @@ mod tests {
     /// reconnects, and no line is lost to the interval meant for a syslog that is down.
     #[test]
     fn lines_after_quick_reloads_are_delivered() {
-        let dir = std::env::temp_dir().join(format!("balance-log-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("log");
-        let rx = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        let (dir, rx, mut logger) = receiver("reloads");
         rx.set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
-        let mut logger = Logger::new(Some(path), false, false);
         for text in ["first", "second", "third", "fourth"] {
             logger.log(Priority::Notice, text);
             logger.reconnect();

@@ -139,6 +139,20 @@ fn one_worker_logging_to(rx: &Receiver, operands: &[String]) -> Balance {
     })
 }
 
+/// balance with `workers` workers in front of `operands`, logging to `rx` with a line per
+/// connection.
+fn logging_connections_to(rx: &Receiver, operands: &[String], workers: usize) -> Balance {
+    let mut flags = syslog_flags(&rx.path);
+    flags.push("--log-connections".to_string());
+    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Balance::start_with(Start {
+        flags: &flag_refs,
+        operands,
+        workers,
+        ..Start::default()
+    })
+}
+
 #[test]
 fn daemon_events_reach_syslog() {
     if !require_root() {
@@ -612,16 +626,7 @@ fn a_refusing_channel_is_one_line_a_second_whichever_workers_meet_it() {
     let dir = temp_dir("syslog-throttle-pool");
     let rx = Receiver::bind(&dir.join("log"));
     let b1 = Backend::start("B1", Behaviour::TagEcho);
-    let mut flags = syslog_flags(&rx.path);
-    flags.push("--log-connections".to_string());
-    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let operands = [refused_operand(), b1.operand()];
-    let b = Balance::start_with(Start {
-        flags: &flag_refs,
-        operands: &operands,
-        workers: 4,
-        ..Start::default()
-    });
+    let b = logging_connections_to(&rx, &[refused_operand(), b1.operand()], 4);
     let failed = "connection failed group 0 channel 0";
     let addr = b.addr();
     let started = Instant::now();
@@ -671,7 +676,7 @@ fn a_refusing_channel_is_one_line_a_second_whichever_workers_meet_it() {
 
 /// A burst of lines bigger than the syslog socket's queue (net.unix.max_dgram_qlen, 10 by
 /// default) is not lost while the syslog daemon is busy: the lines wait in the supervisor
-/// and arrive, in order, once it reads again. (They were dropped and counted.)
+/// and arrive once it reads again (in order: `log::tests`). (They were dropped and counted.)
 #[test]
 fn a_burst_of_lines_waits_for_a_busy_syslog() {
     if !require_root() {
@@ -680,15 +685,7 @@ fn a_burst_of_lines_waits_for_a_busy_syslog() {
     let dir = temp_dir("syslog-burst");
     let rx = Receiver::bind(&dir.join("log"));
     let b1 = Backend::start("B1", Behaviour::TagEcho);
-    let mut flags = syslog_flags(&rx.path);
-    flags.push("--log-connections".to_string());
-    let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let b = Balance::start_with(Start {
-        flags: &flag_refs,
-        operands: &[b1.operand()],
-        workers: 1,
-        ..Start::default()
-    });
+    let b = logging_connections_to(&rx, &[b1.operand()], 1);
     rx.expect(DAEMON_NOTICE, &["started: listening on"]);
     rx.hold(true);
     // Each connection's line is sent when it closes: wait for the last one's close
