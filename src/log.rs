@@ -4,13 +4,17 @@
 //! control shell logs its own audit lines. The `syslog` crate does not reconnect by itself:
 //! after the syslog daemon restarts, a send on the old connection fails for good. So a failed
 //! send drops the connection, opens a new one and tries once more; a message that still
-//! cannot be delivered is dropped (logging never blocks or stops balance). A line that finds
-//! the syslog socket's queue full (a burst of connection lines, a syslog daemon busy for a
-//! moment) is not lost: it waits in memory, in order, and goes out as soon as the queue has
-//! room ([`Logger::flush`]); lines are dropped only once [`BACKLOG_LINES`] wait. Every
-//! drop is counted and the count logged once syslog takes lines again. When no syslog
-//! socket exists, balance says so once on stderr and keeps running. Nothing here ever writes
-//! to a client connection.
+//! cannot be delivered is dropped (logging never blocks the daemon or stops balance).
+//!
+//! A line that finds the syslog datagram socket's queue full (a burst of connection lines,
+//! a syslog daemon busy for a moment) is not lost: it waits in memory, in order, and goes
+//! out when the queue has room ([`Logger::flush`], which the supervisor calls soon after a
+//! burst and then less and less often while nothing goes); lines waiting outlive a syslog
+//! restart. Lines are dropped only once [`BACKLOG_LINES`] wait, and by the control shell
+//! after [`SHELL_WAIT_FOR_ROOM`] (it has no later moment to send them). Every drop is
+//! counted and the count logged after the next line syslog takes. When no syslog socket
+//! exists, balance says so once on stderr and keeps running. Nothing here ever writes to a
+//! client connection.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -50,15 +54,23 @@ pub struct Logger {
     dropped: [u64; 2],
     /// Lines, formatted when they were logged, that found the datagram socket's queue full,
     /// oldest first, per channel: sent before any newer line.
-    backlog: [VecDeque<Vec<u8>>; 2],
+    backlog: [VecDeque<Waiting>; 2],
     /// How long a line that finds the queue full may wait for room before `send` returns
     /// (the control shell, which has no loop to flush later); zero in the daemon.
     wait_for_room: Duration,
 }
 
-/// How many lines may wait per channel for room in syslog's queue (about 300 KiB at most):
-/// a burst of a second or two of connection lines. Past that, a syslog that is not reading
-/// costs lines, never memory.
+/// A line waiting for room in syslog's queue.
+struct Waiting {
+    line: Vec<u8>,
+    /// For a warning that lines were lost, how many it reports (they count again if it is
+    /// lost too); zero for any other line.
+    reports: u64,
+}
+
+/// How many lines may wait per channel for room in syslog's queue: a burst of a second or
+/// two of connection lines (about 200 KiB of them; a line is never longer than a worker's
+/// message, 16 KiB). Past that, a syslog that is not reading costs lines, never more memory.
 pub const BACKLOG_LINES: usize = 1024;
 /// How long the control shell waits for syslog's queue to take one of its lines.
 const SHELL_WAIT_FOR_ROOM: Duration = Duration::from_secs(1);
@@ -172,36 +184,47 @@ impl Logger {
         let slot = channel as usize;
         let line = format_line(channel, priority, text);
         self.flush_channel(channel);
-        if !self.accept(channel, line) {
+        // A warning of lines lost follows the next line taken, so it needs room for both.
+        let gap = self.dropped[slot];
+        let room = match gap {
+            0 => 1,
+            _ => 2,
+        };
+        if !self.accept(channel, line, 0, room) {
             self.dropped[slot] += 1;
-        } else if self.dropped[slot] > 0 {
-            let gap = format!(
-                "{} log line(s) could not be delivered to syslog before this one",
-                std::mem::take(&mut self.dropped[slot])
-            );
-            if !self.accept(channel, format_line(channel, Priority::Warning, &gap)) {
-                self.dropped[slot] += 1;
+        } else if gap > 0 {
+            let text =
+                format!("{gap} log line(s) could not be delivered to syslog before this one");
+            let warning = format_line(channel, Priority::Warning, &text);
+            if self.accept(channel, warning, gap, 1) {
+                self.dropped[slot] = 0;
             }
         }
         if !self.wait_for_room.is_zero() {
             self.drain_for(self.wait_for_room);
+            // The shell has no later moment to send them: what syslog did not take within
+            // the wait is lost, and counted in the shell's next line, if it has one.
+            for (waiting, dropped) in self.backlog.iter_mut().zip(&mut self.dropped) {
+                *dropped += waiting.drain(..).map(|w| w.counts()).sum::<u64>();
+            }
         }
     }
 
-    /// Sends a line, or queues it behind those waiting for room; whether it was taken.
-    fn accept(&mut self, channel: Channel, line: Vec<u8>) -> bool {
+    /// Sends a line, or queues it behind those waiting for room when there is room for
+    /// `room` lines; whether it was taken. A line `reports` lost ones when it says so.
+    fn accept(&mut self, channel: Channel, line: Vec<u8>, reports: u64, room: usize) -> bool {
         let waiting = &mut self.backlog[channel as usize];
         if !waiting.is_empty() {
-            if waiting.len() >= BACKLOG_LINES {
+            if waiting.len() + room > BACKLOG_LINES {
                 return false;
             }
-            waiting.push_back(line);
+            waiting.push_back(Waiting { line, reports });
             return true;
         }
         match self.deliver(channel, &line) {
             Delivery::Sent => true,
             Delivery::Full => {
-                self.backlog[channel as usize].push_back(line);
+                self.backlog[channel as usize].push_back(Waiting { line, reports });
                 true
             }
             Delivery::Failed => false,
@@ -223,16 +246,15 @@ impl Logger {
     fn flush_channel(&mut self, channel: Channel) -> usize {
         let slot = channel as usize;
         let mut sent = 0;
-        while let Some(line) = self.backlog[slot].pop_front() {
-            match self.deliver(channel, &line) {
+        while let Some(waiting) = self.backlog[slot].pop_front() {
+            match self.deliver(channel, &waiting.line) {
                 Delivery::Sent => sent += 1,
-                Delivery::Full => {
-                    self.backlog[slot].push_front(line);
+                // Full, or syslog went away (restarting, say): the lines keep waiting for
+                // it, and the connection is tried again at most once a second.
+                Delivery::Full | Delivery::Failed => {
+                    self.backlog[slot].push_front(waiting);
                     break;
                 }
-                // Syslog went away (or restarted and cannot be reached yet): the line
-                // is lost, and counted, like one logged now.
-                Delivery::Failed => self.dropped[slot] += 1,
             }
         }
         sent
@@ -285,8 +307,8 @@ impl Logger {
             let Some(conn) = self.slot(channel).as_mut() else {
                 return Delivery::Failed;
             };
-            match conn.write(line) {
-                Ok(_) => return Delivery::Sent,
+            match send_line(conn, line) {
+                Ok(()) => return Delivery::Sent,
                 // The datagram socket's queue is full: the daemon is alive, only behind.
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
@@ -333,6 +355,26 @@ impl Logger {
     }
 }
 
+impl Waiting {
+    /// How many lines are lost with this one.
+    fn counts(&self) -> u64 {
+        self.reports.max(1)
+    }
+}
+
+/// Sends one formatted line as the `syslog` crate does (a datagram; or the line and a NUL
+/// on a stream), but the whole line or an error, never part of it.
+fn send_line(conn: &mut Conn, line: &[u8]) -> std::io::Result<()> {
+    match conn {
+        LoggerBackend::UnixStream(stream) => {
+            stream.write_all(line)?;
+            stream.write_all(&[0])?;
+            stream.flush()
+        }
+        other => other.write(line).map(|_| ()),
+    }
+}
+
 /// What became of a line sent.
 enum Delivery {
     Sent,
@@ -372,9 +414,9 @@ fn format_line(channel: Channel, priority: Priority, text: &str) -> Vec<u8> {
 /// stream socket whose daemon stopped accepting has a full backlog, where a blocking
 /// connect would hold the supervisor (and with it every signal and worker restart); such a
 /// connect fails at once instead, like a missing socket. Sends never wait either: a
-/// datagram socket is non-blocking (a full queue drops the line, which is counted), a
-/// stream one gives up after [`STREAM_SEND_TIMEOUT`] (non-blocking, it could leave half a
-/// line behind).
+/// datagram socket is non-blocking (a line that finds its queue full waits in the
+/// backlog), a stream one gives up after [`STREAM_SEND_TIMEOUT`] (non-blocking, it could
+/// leave half a line behind).
 fn connect_without_waiting(path: &std::path::Path) -> std::io::Result<LoggerBackend> {
     use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
     use std::os::fd::AsRawFd;
@@ -482,22 +524,33 @@ mod tests {
         (dir, rx, logger)
     }
 
-    /// Reads what arrives until nothing has for 200 ms, while the logger drains.
+    /// Reads everything the logger sends while it drains what waits, and what is left in
+    /// the socket's queue once it has.
     fn read_while_draining(
         rx: std::os::unix::net::UnixDatagram,
         logger: &mut Logger,
     ) -> Vec<String> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let drained = std::sync::Arc::new(AtomicBool::new(false));
+        let done = std::sync::Arc::clone(&drained);
         let reader = std::thread::spawn(move || {
             let mut got = Vec::new();
             let mut buf = [0u8; 1024];
-            while let Ok(n) = rx.recv(&mut buf) {
-                got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+            // Bounded: 100,000 lines or a 200 ms silence after the logger is done.
+            for _ in 0..100_000 {
+                let finished = done.load(Ordering::Acquire);
+                match rx.recv(&mut buf) {
+                    Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).to_string()),
+                    Err(_) if finished => break,
+                    Err(_) => {}
+                }
             }
-            (got, rx)
+            got
         });
         logger.drain_for(Duration::from_secs(10));
         assert!(!logger.pending(), "lines still wait after 10 s");
-        reader.join().expect("reader").0
+        drained.store(true, Ordering::Release);
+        reader.join().expect("reader")
     }
 
     /// More lines at once than the socket's queue holds (net.unix.max_dgram_qlen, 10 by
@@ -523,20 +576,30 @@ mod tests {
     }
 
     /// Past the lines that may wait, a syslog that does not read costs lines, never memory:
-    /// they are counted, and the count is logged with the next line syslog takes.
+    /// they are counted, and the count is logged after the next line syslog takes. A line
+    /// that would leave no room for that warning is counted too. (The count was lost when
+    /// the backlog was full as syslog took lines again.)
     #[test]
     fn lines_past_the_backlog_are_counted_and_the_count_logged() {
         let (dir, rx, mut logger) = receiver("overflow");
-        let sent = 3 * BACKLOG_LINES;
-        for i in 0..sent {
+        let logged = 3 * BACKLOG_LINES;
+        for i in 0..logged {
             logger.log(Priority::Info, &format!("line {i}"));
         }
-        assert!(logger.backlog[0].len() <= BACKLOG_LINES);
-        let mut got = read_while_draining(rx.try_clone().expect("clone"), &mut logger);
-        let delivered = got.len();
-        assert!(delivered < sent, "the socket took all {sent}");
-        logger.log(Priority::Info, "after");
+        assert_eq!(logger.backlog[0].len(), BACKLOG_LINES);
+        // Syslog takes one line: one waiting line goes, and the next line logged meets
+        // a backlog with room for itself but not for the warning after it.
         let mut buf = [0u8; 1024];
+        let n = rx.recv(&mut buf).expect("a line");
+        let mut got = vec![String::from_utf8_lossy(&buf[..n]).to_string()];
+        logger.log(Priority::Info, "no room for its warning");
+        got.extend(read_while_draining(
+            rx.try_clone().expect("clone"),
+            &mut logger,
+        ));
+        let delivered = got.len();
+        assert!(delivered < logged, "the socket took all {logged}");
+        logger.log(Priority::Info, "after");
         for _ in 0..2 {
             let n = rx.recv(&mut buf).expect("a line");
             got.push(String::from_utf8_lossy(&buf[..n]).to_string());
@@ -547,13 +610,55 @@ mod tests {
         assert!(
             gap.ends_with(&format!(
                 "]: {} log line(s) could not be delivered to syslog before this one",
-                sent - delivered
+                logged + 1 - delivered
             )),
-            "{delivered} of {sent} delivered: {gap}"
+            "{delivered} of {} delivered: {gap}",
+            logged + 1
         );
         // What arrived is the oldest lines, in order: those the queue took, then those
         // that waited.
         for (i, line) in got[..delivered].iter().enumerate() {
+            assert!(line.ends_with(&format!("]: line {i}")), "{i}: {line}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Lines waiting for room outlive a syslog restart: they go to the new socket, in order,
+    /// with those logged while it was away. (They were dropped.)
+    #[test]
+    fn lines_waiting_outlive_a_syslog_restart() {
+        let (dir, rx, mut logger) = receiver("restart");
+        let path = dir.join("log");
+        let burst = BACKLOG_LINES / 2;
+        for i in 0..burst {
+            logger.log(Priority::Info, &format!("line {i}"));
+        }
+        assert!(logger.pending(), "the socket took {burst} lines at once");
+        // The daemon stops (with what it had not read) and starts again on the same path.
+        drop(rx);
+        std::fs::remove_file(&path).expect("remove socket");
+        assert_eq!(logger.flush(), 0, "sent to a stopped syslog");
+        logger.log(Priority::Info, "while away");
+        let rx = std::os::unix::net::UnixDatagram::bind(&path).expect("bind again");
+        rx.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        // A lost connection is tried again once a second.
+        std::thread::sleep(RETRY_INTERVAL + Duration::from_millis(100));
+        let got = read_while_draining(rx, &mut logger);
+        let last = got.last().map_or("", String::as_str);
+        assert!(last.ends_with("]: while away"), "{last}");
+        assert_eq!(
+            logger.dropped[0], 0,
+            "lines counted as lost: {}",
+            logger.dropped[0]
+        );
+        // The first lines went to the old socket; every one that waited came after them.
+        let first = got[0]
+            .rsplit_once("]: line ")
+            .and_then(|(_, i)| i.parse::<usize>().ok())
+            .expect("a numbered line first");
+        assert_eq!(got.len(), burst - first + 1);
+        for (line, i) in got.iter().zip(first..burst) {
             assert!(line.ends_with(&format!("]: line {i}")), "{i}: {line}");
         }
         let _ = std::fs::remove_dir_all(&dir);

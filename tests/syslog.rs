@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +23,8 @@ struct Receiver {
     stop: Arc<AtomicBool>,
     /// While set, nothing is read: the socket's queue fills as a busy syslog daemon's does.
     held: Arc<AtomicBool>,
+    /// Set by the reading thread once it has seen `held` and stopped reading.
+    idle: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -40,11 +42,15 @@ impl Receiver {
             .expect("timeout");
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(AtomicBool::new(false));
+        let idle = Arc::new(AtomicBool::new(false));
         let (l, s, h) = (Arc::clone(&lines), Arc::clone(&stop), Arc::clone(&held));
+        let i = Arc::clone(&idle);
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !s.load(Ordering::Relaxed) {
-                if h.load(Ordering::Relaxed) {
+                let hold = h.load(Ordering::Acquire);
+                i.store(hold, Ordering::Release);
+                if hold {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 }
@@ -59,16 +65,20 @@ impl Receiver {
             lines,
             stop,
             held,
+            idle,
             thread: Some(thread),
         }
     }
 
-    /// Stops reading (`true`) or reads again (`false`). Holding returns once a read under
-    /// way (100 ms at most) is over.
+    /// Stops reading (`true`) or reads again (`false`). Holding returns once the reading
+    /// thread has stopped (a read under way ends within 100 ms).
     fn hold(&self, held: bool) {
-        self.held.store(held, Ordering::Relaxed);
+        self.held.store(held, Ordering::Release);
         if held {
-            std::thread::sleep(Duration::from_millis(150));
+            let stopped = wait_until(Duration::from_secs(10), || {
+                self.idle.load(Ordering::Acquire)
+            });
+            assert!(stopped, "the receiver did not stop reading");
         }
     }
 
@@ -759,27 +769,30 @@ fn a_shell_refusal_waits_for_room_in_a_full_syslog_queue() {
         filled += 1;
     }
     assert!(filled < 100_000, "the queue never filled");
-    let shell = std::thread::spawn({
-        let (bin, run_dir, port) = (bin.clone(), b.run_dir.clone(), b.port);
-        let socket = rx.path.clone();
-        move || {
-            Command::new("setpriv")
-                .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-                .arg(&bin)
-                .arg("--run-dir")
-                .arg(&run_dir)
-                .args(["-b", "127.0.0.1", "--syslog-socket"])
-                .arg(&socket)
-                .args(["-c", "show", &port.to_string()])
-                .output_within(COMMAND_LIMIT)
-                .expect("control")
-        }
-    });
-    // The shell meets the full queue, then syslog reads again within its second.
-    std::thread::sleep(Duration::from_millis(400));
+    let mut shell = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(&bin)
+        .arg("--run-dir")
+        .arg(&b.run_dir)
+        .args(["-b", "127.0.0.1", "--syslog-socket"])
+        .arg(&rx.path)
+        .args(["-c", "show", &b.port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the shell");
+    // The shell (setpriv execs it, same pid) meets the full queue and waits for room in
+    // poll(2); then syslog reads again, within the shell's second.
+    let wchan = format!("/proc/{}/wchan", shell.id());
+    let waiting = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("poll"))
+            || shell.try_wait().ok().flatten().is_some()
+    }) && std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("poll"));
     rx.hold(false);
-    let out = shell.join().expect("shell thread");
-    assert_eq!(out.status.code(), Some(71), "no access");
+    let status = wait_for_exit(&mut shell, COMMAND_LIMIT);
+    assert!(waiting, "the shell did not wait for room ({status:?})");
+    assert_eq!(status.and_then(|s| s.code()), Some(71), "no access");
     rx.expect(AUTH_WARNING, &["refused access to", "for 'show'"]);
     assert_eq!(rx.count("filler"), filled, "the test's own lines");
 }

@@ -463,6 +463,20 @@ pub const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 /// `Command::output` with a time limit: stdin is /dev/null, stdout and stderr are captured,
 /// and a command still running after `limit` is killed (by its pid) and fails the test
 /// instead of hanging the suite.
+/// Waits up to `limit` for `child` to exit; kills it if it has not.
+pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 pub trait OutputWithin {
     fn output_within(&mut self, limit: Duration) -> std::io::Result<Output>;
 }
