@@ -45,9 +45,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the supervisor looks at the table's `shutdown` flag.
 const KILL_POLL: Duration = Duration::from_millis(200);
 /// How soon lines that found syslog's queue full are sent again, and how far that backs
-/// off while syslog takes none.
+/// off while syslog takes none (as often as the table is looked at: a line waits at most
+/// that long once syslog reads again).
 const FLUSH_MIN: Duration = Duration::from_millis(2);
-const FLUSH_MAX: Duration = Duration::from_millis(500);
+const FLUSH_MAX: Duration = KILL_POLL;
 /// How long the stopped supervisor waits for syslog to take the lines still waiting.
 const LOG_DRAIN: Duration = Duration::from_secs(1);
 
