@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end syslog check with Debian's rsyslog, started by hand (no init system here):
-# the daemon's events and the control audit trail land in rsyslog's output file, and logging
-# goes on after rsyslog restarts. Loopback only; every process is stopped by its pid.
+# the daemon's events and the control audit trail land in rsyslog's output file, logging
+# goes on after rsyslog restarts, and a burst of connection lines lands whole. Loopback
+# only; every process is stopped by its pid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BALANCE_BIN:-target/debug/balance}
@@ -95,6 +96,30 @@ for _ in $(seq 100); do
 done
 if [ $ok = 1 ]; then passed=$((passed + 1)); echo "ok: logging after rsyslog restart"
 else failed=$((failed + 1)); echo "FAILED: nothing logged after rsyslog restart"; fi
+
+# A burst far bigger than the socket's queue (net.unix.max_dgram_qlen): every connection
+# line lands, none is lost to a busy rsyslog (lines that find the queue full wait).
+burst=2000
+before=$(grep -c "connection from" "$work/messages" || true)
+python3 -c "
+import socket
+from concurrent.futures import ThreadPoolExecutor
+def one(_):
+    s = socket.create_connection(('127.0.0.1', $port), timeout=10); s.recv(10); s.close()
+with ThreadPoolExecutor(16) as ex: list(ex.map(one, range($burst)))
+"
+ok=0
+for _ in $(seq 100); do
+    now=$(grep -c "connection from" "$work/messages" || true)
+    if [ "$now" -ge $((before + burst)) ]; then ok=1; break; fi
+    sleep 0.1
+done
+if [ $ok = 1 ] && ! grep -q "could not be delivered" "$work/messages"; then
+    passed=$((passed + 1)); echo "ok: a burst of $burst connection lines, none lost"
+else
+    failed=$((failed + 1))
+    echo "FAILED: $((now - before)) of $burst connection lines; $(grep -c "could not be delivered" "$work/messages" || true) loss warnings"
+fi
 
 kill "$pid"
 check "shutdown on record" "Balance\[$pid\]: stopped"
