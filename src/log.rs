@@ -26,8 +26,6 @@ use syslog::{Facility, Formatter3164, LogFormat, LoggerBackend, Severity};
 
 use crate::ipc::Priority;
 
-type Conn = LoggerBackend;
-
 /// Where a line belongs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Channel {
@@ -39,25 +37,30 @@ pub enum Channel {
 
 pub struct Logger {
     socket: Option<PathBuf>,
-    daemon: Option<Conn>,
-    audit: Option<Conn>,
+    /// Per channel, indexed by [`Channel`]: daemon, audit.
+    lanes: [Lane; 2],
     /// Copy daemon messages to stderr (foreground mode).
     stderr: bool,
     /// Also pass Info/Debug to stderr (`-d`).
     verbose: bool,
     warned_unavailable: bool,
-    /// When a connection was last attempted without one (daemon, audit).
-    retried: (Option<Instant>, Option<Instant>),
-    /// Lines that could not be delivered since the last one that was, per channel (daemon,
-    /// audit): said on that channel once syslog takes lines again, so that a gap in each
-    /// record is visible in that record.
-    dropped: [u64; 2],
-    /// Lines, formatted when they were logged, that found the datagram socket's queue full,
-    /// oldest first, per channel: sent before any newer line.
-    backlog: [VecDeque<Waiting>; 2],
     /// How long a line that finds the queue full may wait for room before `send` returns
     /// (the control shell, which has no loop to flush later); zero in the daemon.
     wait_for_room: Duration,
+}
+
+/// One channel's connection and the lines it owes.
+#[derive(Default)]
+struct Lane {
+    conn: Option<LoggerBackend>,
+    /// When a connection was last attempted without one.
+    retried: Option<Instant>,
+    /// Lines that could not be delivered since the last one that was: said on this channel
+    /// once syslog takes lines again, so that a gap in each record is visible in that record.
+    dropped: u64,
+    /// Lines, formatted when they were logged, that found the datagram socket's queue full,
+    /// oldest first: sent before any newer line.
+    backlog: VecDeque<Waiting>,
 }
 
 /// A line waiting for room in syslog's queue.
@@ -89,18 +92,15 @@ impl Logger {
     pub fn new(socket: Option<PathBuf>, stderr: bool, verbose: bool) -> Logger {
         let mut logger = Logger {
             socket,
-            daemon: None,
-            audit: None,
+            lanes: Default::default(),
             stderr,
             verbose,
             warned_unavailable: false,
-            retried: (None, None),
-            dropped: [0; 2],
-            backlog: Default::default(),
             wait_for_room: Duration::ZERO,
         };
-        logger.daemon = logger.connect();
-        logger.audit = logger.connect();
+        for channel in [Channel::Daemon, Channel::Audit] {
+            logger.lanes[channel as usize].conn = logger.connect();
+        }
         logger
     }
 
@@ -110,14 +110,10 @@ impl Logger {
     pub fn for_shell(socket: Option<PathBuf>) -> Logger {
         Logger {
             socket,
-            daemon: None,
-            audit: None,
+            lanes: Default::default(),
             stderr: false,
             verbose: false,
             warned_unavailable: true,
-            retried: (None, None),
-            dropped: [0; 2],
-            backlog: Default::default(),
             wait_for_room: SHELL_WAIT_FOR_ROOM,
         }
     }
@@ -130,12 +126,13 @@ impl Logger {
     /// Drops the connections; the next message opens new ones (reload), without waiting
     /// for the retry interval.
     pub fn reconnect(&mut self) {
-        self.daemon = None;
-        self.audit = None;
-        self.retried = (None, None);
+        for lane in &mut self.lanes {
+            lane.conn = None;
+            lane.retried = None;
+        }
     }
 
-    fn connect(&mut self) -> Option<Conn> {
+    fn connect(&mut self) -> Option<LoggerBackend> {
         let path = self
             .socket
             .clone()
@@ -181,31 +178,27 @@ impl Logger {
     /// new one when there is none (at most one attempt a second) or the existing one just
     /// failed (syslogd restarted). A line that finds the queue full waits its turn.
     fn send(&mut self, channel: Channel, priority: Priority, text: &str) {
-        let slot = channel as usize;
         let line = format_line(channel, priority, text);
         self.flush_channel(channel);
         // A warning of lines lost follows the next line taken, so it needs room for both.
-        let gap = self.dropped[slot];
-        let room = match gap {
-            0 => 1,
-            _ => 2,
-        };
+        let gap = self.lane(channel).dropped;
+        let room = if gap > 0 { 2 } else { 1 };
         if !self.accept(channel, line, 0, room) {
-            self.dropped[slot] += 1;
+            self.lane(channel).dropped += 1;
         } else if gap > 0 {
             let text =
                 format!("{gap} log line(s) could not be delivered to syslog before this one");
             let warning = format_line(channel, Priority::Warning, &text);
             if self.accept(channel, warning, gap, 1) {
-                self.dropped[slot] = 0;
+                self.lane(channel).dropped = 0;
             }
         }
         if !self.wait_for_room.is_zero() {
             self.drain_for(self.wait_for_room);
             // The shell has no later moment to send them: what syslog did not take within
             // the wait is lost, and counted in the shell's next line, if it has one.
-            for (waiting, dropped) in self.backlog.iter_mut().zip(&mut self.dropped) {
-                *dropped += waiting.drain(..).map(|w| w.counts()).sum::<u64>();
+            for lane in &mut self.lanes {
+                lane.dropped += lane.backlog.drain(..).map(|w| w.counts()).sum::<u64>();
             }
         }
     }
@@ -213,7 +206,7 @@ impl Logger {
     /// Sends a line, or queues it behind those waiting for room when there is room for
     /// `room` lines; whether it was taken. A line `reports` lost ones when it says so.
     fn accept(&mut self, channel: Channel, line: Vec<u8>, reports: u64, room: usize) -> bool {
-        let waiting = &mut self.backlog[channel as usize];
+        let waiting = &mut self.lane(channel).backlog;
         if !waiting.is_empty() {
             if waiting.len() + room > BACKLOG_LINES {
                 return false;
@@ -224,7 +217,9 @@ impl Logger {
         match self.deliver(channel, &line) {
             Delivery::Sent => true,
             Delivery::Full => {
-                self.backlog[channel as usize].push_back(Waiting { line, reports });
+                self.lane(channel)
+                    .backlog
+                    .push_back(Waiting { line, reports });
                 true
             }
             Delivery::Failed => false,
@@ -233,7 +228,7 @@ impl Logger {
 
     /// Whether lines wait for room in syslog's queue.
     pub fn pending(&self) -> bool {
-        self.backlog.iter().any(|b| !b.is_empty())
+        self.lanes.iter().any(|lane| !lane.backlog.is_empty())
     }
 
     /// Sends what waits for room, oldest first, until the queue is full again; how many
@@ -244,15 +239,14 @@ impl Logger {
     }
 
     fn flush_channel(&mut self, channel: Channel) -> usize {
-        let slot = channel as usize;
         let mut sent = 0;
-        while let Some(waiting) = self.backlog[slot].pop_front() {
+        while let Some(waiting) = self.lane(channel).backlog.pop_front() {
             match self.deliver(channel, &waiting.line) {
                 Delivery::Sent => sent += 1,
                 // Full, or syslog went away (restarting, say): the lines keep waiting for
                 // it, and the connection is tried again at most once a second.
                 Delivery::Full | Delivery::Failed => {
-                    self.backlog[slot].push_front(waiting);
+                    self.lane(channel).backlog.push_front(waiting);
                     break;
                 }
             }
@@ -273,10 +267,11 @@ impl Logger {
             }
             // Room is waited for on the first channel with lines waiting (a few ms at a
             // time, so that the other is not forgotten).
-            let Some(conn) = [Channel::Daemon, Channel::Audit]
-                .into_iter()
-                .filter(|&c| !self.backlog[c as usize].is_empty())
-                .find_map(|c| match self.slot_ref(c) {
+            let Some(conn) = self
+                .lanes
+                .iter()
+                .filter(|lane| !lane.backlog.is_empty())
+                .find_map(|lane| match &lane.conn {
                     Some(LoggerBackend::Unix(socket)) => Some(socket),
                     _ => None,
                 })
@@ -293,18 +288,19 @@ impl Logger {
     /// One line, on this channel's connection (opened or reopened as needed).
     fn deliver(&mut self, channel: Channel, line: &[u8]) -> Delivery {
         for attempt in 0..2 {
-            if attempt > 0 || self.slot(channel).is_none() {
+            if attempt > 0 || self.lane(channel).conn.is_none() {
                 if attempt == 0 && !self.may_retry(channel) {
                     return Delivery::Failed;
                 }
                 let conn = self.connect();
+                let lane = self.lane(channel);
                 if conn.is_some() {
                     // The interval spaces out failed attempts only.
-                    *self.retry_mark(channel) = None;
+                    lane.retried = None;
                 }
-                *self.slot(channel) = conn;
+                lane.conn = conn;
             }
-            let Some(conn) = self.slot(channel).as_mut() else {
+            let Some(conn) = self.lane(channel).conn.as_mut() else {
                 return Delivery::Failed;
             };
             match send_line(conn, line) {
@@ -322,31 +318,14 @@ impl Logger {
         Delivery::Failed
     }
 
-    fn slot_ref(&self, channel: Channel) -> Option<&Conn> {
-        match channel {
-            Channel::Daemon => self.daemon.as_ref(),
-            Channel::Audit => self.audit.as_ref(),
-        }
-    }
-
-    fn slot(&mut self, channel: Channel) -> &mut Option<Conn> {
-        match channel {
-            Channel::Daemon => &mut self.daemon,
-            Channel::Audit => &mut self.audit,
-        }
-    }
-
-    fn retry_mark(&mut self, channel: Channel) -> &mut Option<Instant> {
-        match channel {
-            Channel::Daemon => &mut self.retried.0,
-            Channel::Audit => &mut self.retried.1,
-        }
+    fn lane(&mut self, channel: Channel) -> &mut Lane {
+        &mut self.lanes[channel as usize]
     }
 
     /// Without a connection, tries to open one at most once a second.
     fn may_retry(&mut self, channel: Channel) -> bool {
         let now = Instant::now();
-        let last = self.retry_mark(channel);
+        let last = &mut self.lane(channel).retried;
         if last.is_some_and(|t| now.duration_since(t) < RETRY_INTERVAL) {
             return false;
         }
@@ -364,7 +343,7 @@ impl Waiting {
 
 /// Sends one formatted line as the `syslog` crate does (a datagram; or the line and a NUL
 /// on a stream), but the whole line or an error, never part of it.
-fn send_line(conn: &mut Conn, line: &[u8]) -> std::io::Result<()> {
+fn send_line(conn: &mut LoggerBackend, line: &[u8]) -> std::io::Result<()> {
     match conn {
         LoggerBackend::UnixStream(stream) => {
             stream.write_all(line)?;
@@ -548,9 +527,10 @@ mod tests {
             got
         });
         logger.drain_for(Duration::from_secs(10));
-        assert!(!logger.pending(), "lines still wait after 10 s");
         drained.store(true, Ordering::Release);
-        reader.join().expect("reader")
+        let got = reader.join().expect("reader");
+        assert!(!logger.pending(), "lines still wait after 10 s");
+        got
     }
 
     /// More lines at once than the socket's queue holds (net.unix.max_dgram_qlen, 10 by
@@ -586,7 +566,7 @@ mod tests {
         for i in 0..logged {
             logger.log(Priority::Info, &format!("line {i}"));
         }
-        assert_eq!(logger.backlog[0].len(), BACKLOG_LINES);
+        assert_eq!(logger.lanes[0].backlog.len(), BACKLOG_LINES);
         // Syslog takes one line: one waiting line goes, and the next line logged meets
         // a backlog with room for itself but not for the warning after it.
         let mut buf = [0u8; 1024];
@@ -648,9 +628,9 @@ mod tests {
         let last = got.last().map_or("", String::as_str);
         assert!(last.ends_with("]: while away"), "{last}");
         assert_eq!(
-            logger.dropped[0], 0,
+            logger.lanes[0].dropped, 0,
             "lines counted as lost: {}",
-            logger.dropped[0]
+            logger.lanes[0].dropped
         );
         // The first lines went to the old socket; every one that waited came after them.
         let first = got[0]

@@ -785,10 +785,11 @@ fn a_shell_refusal_waits_for_room_in_a_full_syslog_queue() {
     // The shell (setpriv execs it, same pid) meets the full queue and waits for room in
     // poll(2); then syslog reads again, within the shell's second.
     let wchan = format!("/proc/{}/wchan", shell.id());
-    let waiting = wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("poll"))
-            || shell.try_wait().ok().flatten().is_some()
-    }) && std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("poll"));
+    let in_poll = || std::fs::read_to_string(&wchan).is_ok_and(|w| w.contains("poll"));
+    wait_until(Duration::from_secs(10), || {
+        in_poll() || shell.try_wait().ok().flatten().is_some()
+    });
+    let waiting = in_poll();
     rx.hold(false);
     let status = wait_for_exit(&mut shell, COMMAND_LIMIT);
     assert!(waiting, "the shell did not wait for room ({status:?})");

@@ -435,15 +435,7 @@ impl Balance {
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
         signal(self.pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        child.wait().ok()
+        wait_for_exit(&mut child, Duration::from_secs(10))
     }
 }
 
@@ -460,10 +452,7 @@ impl Drop for Balance {
 /// How long a command a test runs to completion may take before it counts as hung.
 pub const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 
-/// `Command::output` with a time limit: stdin is /dev/null, stdout and stderr are captured,
-/// and a command still running after `limit` is killed (by its pid) and fails the test
-/// instead of hanging the suite.
-/// Waits up to `limit` for `child` to exit; kills it if it has not.
+/// Waits up to `limit` for `child` to exit, and kills it if it has not; its status.
 pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -473,10 +462,12 @@ pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<std::process:
         thread::sleep(Duration::from_millis(10));
     }
     let _ = child.kill();
-    let _ = child.wait();
-    None
+    child.wait().ok()
 }
 
+/// `Command::output` with a time limit: stdin is /dev/null, stdout and stderr are captured,
+/// and a command still running after `limit` is killed (by its pid) and fails the test
+/// instead of hanging the suite.
 pub trait OutputWithin {
     fn output_within(&mut self, limit: Duration) -> std::io::Result<Output>;
 }
